@@ -1,0 +1,1 @@
+//! Weight matrices and the linear layer.

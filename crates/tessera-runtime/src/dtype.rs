@@ -1,0 +1,45 @@
+//! Storage types of weights.
+
+use serde::{Deserialize, Serialize};
+
+/// How a backend stores weight matrices. Compute is f32 on the CPU backend either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightDtype {
+    /// 4 bytes per weight; bit-exact with an f32 checkpoint.
+    #[default]
+    F32,
+    /// 2 bytes per weight (bfloat16, round-to-nearest-even from f32); half the memory
+    /// traffic of f32 for bandwidth-bound decode.
+    Bf16,
+}
+
+impl WeightDtype {
+    /// Bytes per stored weight.
+    pub fn size_bytes(self) -> usize {
+        match self {
+            WeightDtype::F32 => 4,
+            WeightDtype::Bf16 => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for WeightDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WeightDtype::F32 => "f32",
+            WeightDtype::Bf16 => "bf16",
+        })
+    }
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(WeightDtype::F32),
+            "bf16" | "bfloat16" => Ok(WeightDtype::Bf16),
+            other => Err(format!("unknown weight dtype `{other}`; use f32 or bf16")),
+        }
+    }
+}
