@@ -1,0 +1,238 @@
+//! Element-wise and attention kernels of the CPU backend.
+
+use rayon::prelude::*;
+
+use crate::backend::{KvSpec, SeqSpan};
+use crate::error::{Result, RuntimeError};
+
+/// Rows per rayon task for row-wise kernels; below it, threads cost more than they save.
+const ROWS_PER_TASK: usize = 16;
+
+/// Row-wise LayerNorm (biased variance, as PyTorch).
+pub(super) fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, cols: usize, out: &mut [f32]) {
+    let norm_row = |(xr, or): (&[f32], &mut [f32])| {
+        let n = cols as f32;
+        let mean = xr.iter().sum::<f32>() / n;
+        let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+        let inv = 1.0 / (var + eps).sqrt();
+        for ((o, &v), (&g, &bb)) in or.iter_mut().zip(xr).zip(w.iter().zip(b)) {
+            *o = (v - mean) * inv * g + bb;
+        }
+    };
+    if x.len() / cols >= 2 * ROWS_PER_TASK {
+        x.par_chunks(cols)
+            .zip(out.par_chunks_mut(cols))
+            .with_min_len(ROWS_PER_TASK)
+            .for_each(norm_row);
+    } else {
+        x.chunks(cols).zip(out.chunks_mut(cols)).for_each(norm_row);
+    }
+}
+
+/// GPT-2's `gelu_new`: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+pub(super) fn gelu_new(x: &mut [f32]) {
+    const C: f32 = 0.797_884_6; // sqrt(2/pi)
+    let f = |v: &mut f32| {
+        let u = *v;
+        *v = 0.5 * u * (1.0 + (C * (u + 0.044715 * u * u * u)).tanh());
+    };
+    if x.len() >= 1 << 16 {
+        x.par_chunks_mut(1 << 12)
+            .for_each(|c| c.iter_mut().for_each(f));
+    } else {
+        x.iter_mut().for_each(f);
+    }
+}
+
+fn slot(spec: KvSpec, table: &[u32], pos: usize) -> Result<usize> {
+    let block = *table.get(pos / spec.block_size).ok_or_else(|| {
+        RuntimeError::invalid(
+            "block_table",
+            format!("position {pos} has no block (table of {})", table.len()),
+        )
+    })? as usize;
+    if block >= spec.num_blocks {
+        return Err(RuntimeError::invalid(
+            "block_table",
+            format!("block {block} of {}", spec.num_blocks),
+        ));
+    }
+    Ok(block * spec.block_size + pos % spec.block_size)
+}
+
+/// Writes the K and V of every new token into its cache slot.
+pub(super) fn write_kv(
+    qkv: &[f32],
+    seqs: &[SeqSpan],
+    spec: KvSpec,
+    k: &mut [f32],
+    v: &mut [f32],
+) -> Result<()> {
+    let width = spec.heads * spec.head_dim;
+    for s in seqs {
+        for (i, row) in s.rows.clone().enumerate() {
+            let at = slot(spec, &s.block_table, s.start_pos + i)? * width;
+            let src = &qkv[row * 3 * width..(row + 1) * 3 * width];
+            k[at..at + width].copy_from_slice(&src[width..2 * width]);
+            v[at..at + width].copy_from_slice(&src[2 * width..]);
+        }
+    }
+    Ok(())
+}
+
+/// Causal attention of every new token over its sequence's cached positions.
+/// Slots were validated by [`write_kv`], which runs first.
+pub(super) fn paged_attention(
+    qkv: &[f32],
+    seqs: &[SeqSpan],
+    spec: KvSpec,
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+) {
+    let width = spec.heads * spec.head_dim;
+    let dh = spec.head_dim;
+    let scale = 1.0 / (dh as f32).sqrt();
+    // (row, sequence, position) of every new token.
+    let mut work = Vec::with_capacity(out.len() / width);
+    for s in seqs {
+        for (i, row) in s.rows.clone().enumerate() {
+            work.push((row, s, s.start_pos + i));
+        }
+    }
+    work.sort_by_key(|w| w.0);
+    let one_row = |(&(row, s, pos), o): (&(usize, &SeqSpan, usize), &mut [f32])| {
+        let q_all = &qkv[row * 3 * width..row * 3 * width + width];
+        let slots: Vec<usize> = (0..=pos)
+            .map(|p| {
+                (s.block_table[p / spec.block_size] as usize * spec.block_size
+                    + p % spec.block_size)
+                    * width
+            })
+            .collect();
+        let mut scores = vec![0f32; pos + 1];
+        for h in 0..spec.heads {
+            let q = &q_all[h * dh..(h + 1) * dh];
+            let mut max = f32::NEG_INFINITY;
+            for (sc, &at) in scores.iter_mut().zip(&slots) {
+                let kk = &k[at + h * dh..at + (h + 1) * dh];
+                *sc = q.iter().zip(kk).map(|(a, b)| a * b).sum::<f32>() * scale;
+                max = max.max(*sc);
+            }
+            let mut sum = 0f32;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            let o = &mut o[h * dh..(h + 1) * dh];
+            o.fill(0.0);
+            for (sc, &at) in scores.iter().zip(&slots) {
+                let w = sc / sum;
+                for (acc, &vv) in o.iter_mut().zip(&v[at + h * dh..at + (h + 1) * dh]) {
+                    *acc += w * vv;
+                }
+            }
+        }
+    };
+    if work.len() > 1 {
+        work.par_iter()
+            .zip(out.par_chunks_mut(width))
+            .for_each(one_row);
+    } else {
+        work.iter().zip(out.chunks_mut(width)).for_each(one_row);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gelu_new_matches_known_values() {
+        let mut x = [-3.0f32, -1.0, 0.0, 0.5, 2.0];
+        gelu_new(&mut x);
+        let expected = [-0.003_637_392, -0.158_808, 0.0, 0.345_714, 1.954_597_7];
+        for (a, b) in x.iter().zip(expected) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn layer_norm_normalises() {
+        let x = [1.0f32, 2.0, 3.0, 4.0];
+        let mut out = [0f32; 4];
+        layer_norm(&x, &[1.0; 4], &[0.5; 4], 1e-5, 4, &mut out);
+        let mean: f32 = out.iter().sum::<f32>() / 4.0;
+        assert!((mean - 0.5).abs() < 1e-6);
+        assert!((out[3] - out[0] - 2.0 * 1.341_635_9).abs() < 1e-4);
+    }
+
+    #[test]
+    fn paged_attention_equals_contiguous_attention() {
+        // One sequence of 5 tokens with 2 heads of size 3, blocks of 2 slots scattered.
+        let spec = KvSpec {
+            layers: 1,
+            num_blocks: 8,
+            block_size: 2,
+            heads: 2,
+            head_dim: 3,
+        };
+        let width = 6;
+        let qkv: Vec<f32> = (0..5 * 3 * width)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0)
+            .collect();
+        let seq = SeqSpan {
+            rows: 0..5,
+            start_pos: 0,
+            block_table: vec![6, 1, 3],
+        };
+        let mut k = vec![0f32; 8 * 2 * width];
+        let mut v = k.clone();
+        write_kv(&qkv, std::slice::from_ref(&seq), spec, &mut k, &mut v).unwrap();
+        let mut out = vec![0f32; 5 * width];
+        paged_attention(&qkv, std::slice::from_ref(&seq), spec, &k, &v, &mut out);
+        for t in 0..5 {
+            for h in 0..2 {
+                let q = &qkv[t * 18 + h * 3..t * 18 + h * 3 + 3];
+                let scores: Vec<f64> = (0..=t)
+                    .map(|j| {
+                        (0..3)
+                            .map(|d| (q[d] * qkv[j * 18 + 6 + h * 3 + d]) as f64)
+                            .sum::<f64>()
+                            / 3f64.sqrt()
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+                for d in 0..3 {
+                    let want: f64 = (0..=t)
+                        .map(|j| (scores[j] - m).exp() / z * qkv[j * 18 + 12 + h * 3 + d] as f64)
+                        .sum();
+                    assert!((out[t * 6 + h * 3 + d] as f64 - want).abs() < 1e-5);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_position_without_a_block_is_an_error() {
+        let spec = KvSpec {
+            layers: 1,
+            num_blocks: 2,
+            block_size: 2,
+            heads: 1,
+            head_dim: 1,
+        };
+        let qkv = vec![0f32; 3 * 3];
+        let seq = SeqSpan {
+            rows: 0..3,
+            start_pos: 0,
+            block_table: vec![0],
+        };
+        let (mut k, mut v) = (vec![0f32; 4], vec![0f32; 4]);
+        let e = write_kv(&qkv, &[seq], spec, &mut k, &mut v)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("block_table"), "{e}");
+    }
+}

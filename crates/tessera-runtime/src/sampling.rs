@@ -1,0 +1,504 @@
+//! Distributed sampling over a vocab-parallel LM head.
+//!
+//! Each TP rank holds the logits of its own vocabulary rows. The full logits are never
+//! gathered: every rank reduces its slice to a few numbers (max and sum of exponentials
+//! for the log-sum-exp, its best or top-`c` candidates), the ranks all-gather those, and
+//! every rank reaches the same decision.
+//!
+//! Sampling uses the Gumbel-max trick: drawing from `softmax(z)` over a candidate set is
+//! `argmax_i z_i + g_i` with `g_i` standard Gumbel noise. The noise of token `i` is a pure
+//! function of `(seed, position, i)`, so a seeded request draws the same token at every
+//! split, in every batch, on every backend.
+
+use std::ops::Range;
+
+use crate::collective::Collective;
+use crate::error::{Result, RuntimeError};
+use crate::step::{SampleSpec, SamplingParams};
+
+/// Candidates each rank offers per round for top-p without top-k; grows ×4 per round
+/// until the nucleus is provably complete.
+const TOP_P_FIRST_CANDIDATES: usize = 256;
+/// Header of a row's record: raw max, raw sum-exp, scaled max, scaled sum-exp, count.
+const HEADER: usize = 5;
+/// A candidate: score, token id, raw logit.
+const CANDIDATE: usize = 3;
+
+/// One row to sample: this rank's slice of its logits and what to do with it.
+#[derive(Debug, Clone, Copy)]
+pub struct SampleRow<'a> {
+    /// Logits of this rank's vocabulary rows.
+    pub logits: &'a [f32],
+    /// Sampling parameters and penalty set.
+    pub spec: &'a SampleSpec,
+    /// Position of the token being generated; keys the noise.
+    pub position: usize,
+}
+
+/// The decision for one row.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampled {
+    /// The chosen token.
+    pub token_id: u32,
+    /// Its log-probability under the raw logits.
+    pub logprob: f32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Greedy,
+    /// Gumbel argmax over the whole vocabulary: one candidate per rank.
+    Full,
+    /// Top-k and/or top-p: `c` best candidates per rank.
+    Filtered {
+        c: usize,
+    },
+}
+
+fn mode(p: &SamplingParams) -> Mode {
+    if p.is_greedy() {
+        Mode::Greedy
+    } else if p.top_k == 0 && p.top_p >= 1.0 {
+        Mode::Full
+    } else if p.top_k > 0 {
+        Mode::Filtered {
+            c: p.top_k as usize,
+        }
+    } else {
+        Mode::Filtered {
+            c: TOP_P_FIRST_CANDIDATES,
+        }
+    }
+}
+
+fn record_len(m: Mode) -> usize {
+    HEADER
+        + CANDIDATE
+            * match m {
+                Mode::Greedy | Mode::Full => 1,
+                Mode::Filtered { c } => c,
+            }
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Standard Gumbel noise for token `id` at `position` under `seed`.
+pub fn gumbel(seed: u64, position: usize, id: u32) -> f64 {
+    let key = splitmix64(seed ^ splitmix64(position as u64 ^ 0x5EED_0000_0000_0000));
+    let bits = splitmix64(key ^ (id as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
+    let u = ((bits >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    -(-u.ln()).ln()
+}
+
+/// The rank-local processing: repetition penalty, then temperature.
+fn processed(row: &SampleRow, first_id: usize) -> Vec<f32> {
+    let p = &row.spec.params;
+    let mut z = row.logits.to_vec();
+    if p.repetition_penalty != 1.0 {
+        for &id in &row.spec.penalty_ids {
+            let id = id as usize;
+            if id >= first_id && id < first_id + z.len() {
+                let v = &mut z[id - first_id];
+                *v = if *v < 0.0 {
+                    *v * p.repetition_penalty
+                } else {
+                    *v / p.repetition_penalty
+                };
+            }
+        }
+    }
+    if !p.is_greedy() {
+        let t = p.temperature;
+        z.iter_mut().for_each(|v| *v /= t);
+    }
+    z
+}
+
+fn max_sumexp(v: &[f32]) -> (f32, f32) {
+    let m = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let s = v.iter().map(|x| (x - m).exp()).sum();
+    (m, s)
+}
+
+/// Orders candidates best first: higher score, then lower id.
+fn better(a: (f32, u32), b: (f32, u32)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+/// This rank's record for one row.
+fn local_record(row: &SampleRow, m: Mode, first_id: usize, out: &mut Vec<f32>) {
+    let z = processed(row, first_id);
+    let (raw_max, raw_sum) = max_sumexp(row.logits);
+    let (z_max, z_sum) = max_sumexp(&z);
+    let ids = (first_id as u32)..(first_id + z.len()) as u32;
+    let mut cands: Vec<(f32, u32)> = match m {
+        Mode::Greedy => {
+            let best = z.iter().cloned().zip(ids).min_by(|a, b| better(*a, *b));
+            best.into_iter().collect()
+        }
+        Mode::Full => {
+            let p = &row.spec.params;
+            let best = z
+                .iter()
+                .zip(ids)
+                .map(|(&v, id)| (v as f64 + gumbel(p.seed, row.position, id), id))
+                .max_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)));
+            best.map(|(s, id)| (s as f32, id)).into_iter().collect()
+        }
+        Mode::Filtered { c } => {
+            let mut all: Vec<(f32, u32)> = z.iter().cloned().zip(ids).collect();
+            let c = c.min(all.len());
+            if c < all.len() {
+                all.select_nth_unstable_by(c - 1, |a, b| better(*a, *b));
+                all.truncate(c);
+            }
+            all.sort_unstable_by(|a, b| better(*a, *b));
+            all
+        }
+    };
+    let capacity = (record_len(m) - HEADER) / CANDIDATE;
+    cands.truncate(capacity);
+    out.extend_from_slice(&[raw_max, raw_sum, z_max, z_sum, cands.len() as f32]);
+    for i in 0..capacity {
+        match cands.get(i) {
+            Some(&(score, id)) => {
+                out.extend_from_slice(&[score, id as f32, row.logits[id as usize - first_id]])
+            }
+            None => out.extend_from_slice(&[f32::NEG_INFINITY, -1.0, 0.0]),
+        }
+    }
+}
+
+/// Combines `(max, sumexp)` pairs of the ranks into a log-sum-exp.
+fn combine_lse(parts: impl Iterator<Item = (f32, f32)> + Clone) -> f64 {
+    let m = parts.clone().map(|p| p.0).fold(f32::NEG_INFINITY, f32::max) as f64;
+    let s: f64 = parts
+        .map(|(pm, ps)| ps as f64 * (pm as f64 - m).exp())
+        .sum();
+    m + s.ln()
+}
+
+/// The global decision for one row from every rank's record, or `None` when the
+/// candidates offered cannot prove the top-p nucleus complete.
+fn decide(row: &SampleRow, m: Mode, records: &[&[f32]]) -> Option<Sampled> {
+    let p = &row.spec.params;
+    let raw_lse = combine_lse(records.iter().map(|r| (r[0], r[1])));
+    let mut cands: Vec<(f32, u32, f32)> = Vec::new();
+    for r in records {
+        let n = r[4] as usize;
+        for i in 0..n {
+            let c = &r[HEADER + i * CANDIDATE..HEADER + (i + 1) * CANDIDATE];
+            cands.push((c[0], c[1] as u32, c[2]));
+        }
+    }
+    cands.sort_by(|a, b| better((a.0, a.1), (b.0, b.1)));
+    let chosen = match m {
+        Mode::Greedy | Mode::Full => cands[0],
+        Mode::Filtered { c } => {
+            let mut kept: &[(f32, u32, f32)] = &cands;
+            if p.top_k > 0 {
+                kept = &kept[..(p.top_k as usize).min(kept.len())];
+            }
+            if p.top_p < 1.0 {
+                // Normaliser: over the top-k set if there is one, else over the whole vocabulary.
+                let lse = if p.top_k > 0 {
+                    combine_lse(std::iter::once(max_sumexp(
+                        &kept.iter().map(|c| c.0).collect::<Vec<_>>(),
+                    )))
+                } else {
+                    combine_lse(records.iter().map(|r| (r[2], r[3])))
+                };
+                // Every token scoring above `bound` was offered by its rank.
+                let bound = if p.top_k > 0 {
+                    f32::NEG_INFINITY
+                } else {
+                    records
+                        .iter()
+                        .filter(|r| r[4] as usize == c)
+                        .map(|r| r[HEADER + (c - 1) * CANDIDATE])
+                        .fold(f32::NEG_INFINITY, f32::max)
+                };
+                let mut mass = 0.0f64;
+                let mut n = 0;
+                for cand in kept {
+                    if cand.0 <= bound && bound > f32::NEG_INFINITY {
+                        return None;
+                    }
+                    mass += (cand.0 as f64 - lse).exp();
+                    n += 1;
+                    if mass >= p.top_p as f64 {
+                        break;
+                    }
+                }
+                kept = &kept[..n.max(1)];
+            }
+            *kept
+                .iter()
+                .max_by(|a, b| {
+                    let ga = a.0 as f64 + gumbel(p.seed, row.position, a.1);
+                    let gb = b.0 as f64 + gumbel(p.seed, row.position, b.1);
+                    ga.total_cmp(&gb).then(b.1.cmp(&a.1))
+                })
+                .expect("every rank offers at least one candidate")
+        }
+    };
+    Some(Sampled {
+        token_id: chosen.1,
+        logprob: (chosen.2 as f64 - raw_lse) as f32,
+    })
+}
+
+/// Samples one token per row. Every rank of the TP group calls this with its own slice
+/// (`vocab` is the rank's range of ids) and gets the same answer.
+pub fn sample_distributed(
+    rows: &[SampleRow],
+    vocab: Range<usize>,
+    comm: &mut dyn Collective,
+) -> Result<Vec<Sampled>> {
+    if vocab.end >= 1 << 24 {
+        return Err(RuntimeError::invalid(
+            "vocab_size",
+            "token ids must be exact in f32 (below 2^24)",
+        ));
+    }
+    let mut modes: Vec<Mode> = rows.iter().map(|r| mode(&r.spec.params)).collect();
+    let mut results: Vec<Option<Sampled>> = vec![None; rows.len()];
+    loop {
+        let pending: Vec<usize> = (0..rows.len()).filter(|&i| results[i].is_none()).collect();
+        if pending.is_empty() {
+            break;
+        }
+        let mut local = Vec::new();
+        for &i in &pending {
+            local_record(&rows[i], modes[i], vocab.start, &mut local);
+        }
+        let gathered = comm.all_gather(&local)?;
+        let per_rank = local.len();
+        let mut offset = 0;
+        for &i in &pending {
+            let len = record_len(modes[i]);
+            let records: Vec<&[f32]> = (0..comm.world_size())
+                .map(|r| &gathered[r * per_rank + offset..r * per_rank + offset + len])
+                .collect();
+            offset += len;
+            match decide(&rows[i], modes[i], &records) {
+                Some(s) => results[i] = Some(s),
+                None => {
+                    if let Mode::Filtered { c } = modes[i] {
+                        modes[i] = Mode::Filtered { c: c * 4 };
+                    }
+                }
+            }
+        }
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("loop ends when all rows are decided"))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collective::local_group;
+    use tessera_model::even_ranges;
+
+    fn spec(params: SamplingParams) -> SampleSpec {
+        SampleSpec {
+            params,
+            penalty_ids: vec![],
+            return_logits: false,
+        }
+    }
+
+    /// Samples `logits` split over `tp` threads.
+    fn sample_split(logits: &[f32], s: &SampleSpec, position: usize, tp: usize) -> Sampled {
+        let ranges = even_ranges(logits.len(), tp);
+        let handles: Vec<_> = local_group(tp)
+            .into_iter()
+            .zip(ranges)
+            .map(|(mut comm, range)| {
+                let slice = logits[range.clone()].to_vec();
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let row = SampleRow {
+                        logits: &slice,
+                        spec: &s,
+                        position,
+                    };
+                    sample_distributed(&[row], range, &mut comm).unwrap()[0]
+                })
+            })
+            .collect();
+        let all: Vec<Sampled> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert!(all.windows(2).all(|w| w[0] == w[1]), "ranks disagree");
+        all[0]
+    }
+
+    fn logits(n: usize, seed: u64) -> Vec<f32> {
+        (0..n)
+            .map(|i| (gumbel(seed, 0, i as u32) * 1.5) as f32)
+            .collect()
+    }
+
+    #[test]
+    fn greedy_and_logprob_match_a_single_rank() {
+        let l = logits(1001, 1);
+        let s = spec(SamplingParams::default());
+        let best = (0..l.len()).max_by(|&a, &b| l[a].total_cmp(&l[b])).unwrap();
+        let lse = l.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
+        for tp in [1, 2, 3, 4, 6] {
+            let r = sample_split(&l, &s, 9, tp);
+            assert_eq!(r.token_id as usize, best);
+            assert!((r.logprob as f64 - (l[best] as f64 - lse)).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn seeded_sampling_is_the_same_at_every_split() {
+        let l = logits(1001, 2);
+        let cases = [
+            SamplingParams {
+                temperature: 0.8,
+                seed: 42,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 1.0,
+                top_k: 40,
+                seed: 7,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 1.2,
+                top_p: 0.9,
+                seed: 3,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 0.7,
+                top_k: 50,
+                top_p: 0.5,
+                seed: 9,
+                ..Default::default()
+            },
+        ];
+        for params in cases {
+            let s = spec(params);
+            for position in 0..20 {
+                let one = sample_split(&l, &s, position, 1);
+                for tp in [2, 3, 4, 6] {
+                    assert_eq!(
+                        sample_split(&l, &s, position, tp),
+                        one,
+                        "{params:?} tp={tp}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn top_p_needing_many_candidates_is_exact() {
+        // A flat distribution: the 0.95 nucleus holds ~950 tokens, far beyond the first
+        // round's candidates, so the rounds must grow until the nucleus is complete.
+        let l: Vec<f32> = (0..1000).map(|i| (i % 7) as f32 * 1e-3).collect();
+        let s = spec(SamplingParams {
+            temperature: 1.0,
+            top_p: 0.95,
+            seed: 5,
+            ..Default::default()
+        });
+        let one = sample_split(&l, &s, 3, 1);
+        assert_eq!(sample_split(&l, &s, 3, 4), one);
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution() {
+        // Three tokens with probabilities 0.6, 0.3, 0.1 (temperature 1).
+        let l = [0.6f32.ln(), 0.3f32.ln(), 0.1f32.ln()];
+        let s = |seed| {
+            spec(SamplingParams {
+                temperature: 1.0,
+                seed,
+                ..Default::default()
+            })
+        };
+        let mut counts = [0usize; 3];
+        let mut comm = local_group(1).pop().unwrap();
+        for seed in 0..4000 {
+            let sp = s(seed);
+            let row = SampleRow {
+                logits: &l,
+                spec: &sp,
+                position: 0,
+            };
+            counts[sample_distributed(&[row], 0..3, &mut comm).unwrap()[0].token_id as usize] += 1;
+        }
+        let freq: Vec<f64> = counts.iter().map(|&c| c as f64 / 4000.0).collect();
+        assert!(
+            (freq[0] - 0.6).abs() < 0.03 && (freq[1] - 0.3).abs() < 0.03,
+            "{freq:?}"
+        );
+        // top_k = 2 removes the third token; top_p = 0.5 keeps only the first.
+        let mut comm = local_group(1).pop().unwrap();
+        for seed in 0..200 {
+            let k2 = spec(SamplingParams {
+                temperature: 1.0,
+                top_k: 2,
+                seed,
+                ..Default::default()
+            });
+            let p5 = spec(SamplingParams {
+                temperature: 1.0,
+                top_p: 0.5,
+                seed,
+                ..Default::default()
+            });
+            let rows = [
+                SampleRow {
+                    logits: &l,
+                    spec: &k2,
+                    position: 1,
+                },
+                SampleRow {
+                    logits: &l,
+                    spec: &p5,
+                    position: 1,
+                },
+            ];
+            let r = sample_distributed(&rows, 0..3, &mut comm).unwrap();
+            assert!(r[0].token_id < 2);
+            assert_eq!(r[1].token_id, 0);
+        }
+    }
+
+    #[test]
+    fn repetition_penalty_follows_transformers() {
+        // Token 0 leads; penalising it by 2 (2.0 → 1.0) lets token 1 (1.5) win;
+        // a negative logit is multiplied, never helped.
+        let l = [2.0f32, 1.5, -1.0];
+        let sp = SampleSpec {
+            params: SamplingParams {
+                repetition_penalty: 2.0,
+                ..Default::default()
+            },
+            penalty_ids: vec![0, 2],
+            return_logits: false,
+        };
+        let mut comm = local_group(1).pop().unwrap();
+        let row = SampleRow {
+            logits: &l,
+            spec: &sp,
+            position: 0,
+        };
+        let r = sample_distributed(&[row], 0..3, &mut comm).unwrap()[0];
+        assert_eq!(r.token_id, 1);
+        assert_eq!(processed(&row, 0), vec![1.0, 1.5, -2.0]);
+    }
+}
