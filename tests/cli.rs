@@ -1,0 +1,327 @@
+//! The `tessera` binary: output contracts and clear failures on bad input.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+
+fn tessera(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("tessera runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Fails with exit code 1 and a message containing every needle, without a panic.
+fn fails_with(args: &[&str], needles: &[&str]) {
+    let o = tessera(args);
+    let err = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{args:?} should fail cleanly; stderr: {err}"
+    );
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: stderr lacks `{n}`: {err}");
+    }
+}
+
+#[test]
+fn run_json_is_one_object_on_the_last_line() {
+    let dir = fixture("tiny-gpt2");
+    let case = &expected("tiny-gpt2").cases[0];
+    let ids: Vec<String> = case.prompt_ids.iter().map(|i| i.to_string()).collect();
+    let o = tessera(&[
+        "run",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        &ids.join(","),
+        "--max-tokens",
+        "8",
+        "--tp",
+        "2",
+        "--pp",
+        "3",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    let last = stdout.lines().last().expect("output");
+    let v: serde_json::Value = serde_json::from_str(last).expect("last line is JSON");
+    let tokens: Vec<u32> = serde_json::from_value(v["token_ids"].clone()).unwrap();
+    assert_eq!(tokens, case.greedy_token_ids);
+    assert_eq!(
+        v["prompt_ids"].as_array().unwrap().len(),
+        case.prompt_ids.len()
+    );
+    assert_eq!(v["logprobs"].as_array().unwrap().len(), 8);
+    assert!(v["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l.as_f64().unwrap() < 0.0));
+    for field in ["prefill_ms", "decode_ms", "decode_tokens_per_s"] {
+        assert!(v[field].as_f64().unwrap() > 0.0, "{field}");
+    }
+    assert!(v["text"].is_string());
+}
+
+#[test]
+fn run_prints_text_from_a_text_prompt() {
+    let o = tessera(&[
+        "run",
+        "--preset",
+        "gpt2-tiny",
+        "--prompt",
+        "Hello world",
+        "--max-tokens",
+        "3",
+        "--tp",
+        "2",
+        "--ignore-eos",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("Hello world"));
+}
+
+#[test]
+fn missing_checkpoint_is_named() {
+    fails_with(
+        &["run", "--model", "/nonexistent/model", "--prompt-ids", "1"],
+        &["/nonexistent/model"],
+    );
+}
+
+#[test]
+fn corrupt_checkpoint_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixture("tiny-gpt2");
+    std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    std::fs::write(
+        tmp.path().join("model.safetensors"),
+        &bytes[..bytes.len() / 3],
+    )
+    .unwrap();
+    fails_with(
+        &[
+            "run",
+            "--model",
+            tmp.path().to_str().unwrap(),
+            "--prompt-ids",
+            "1",
+        ],
+        &["corrupt checkpoint", "model.safetensors"],
+    );
+    std::fs::write(tmp.path().join("config.json"), "{ not json").unwrap();
+    fails_with(
+        &[
+            "run",
+            "--model",
+            tmp.path().to_str().unwrap(),
+            "--prompt-ids",
+            "1",
+        ],
+        &["config.json"],
+    );
+}
+
+#[test]
+fn tensor_of_the_wrong_shape_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixture("tiny-gpt2");
+    std::fs::copy(
+        src.join("model.safetensors"),
+        tmp.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(src.join("config.json"))
+        .unwrap()
+        .replace("\"n_inner\": null", "\"n_inner\": 192");
+    std::fs::write(tmp.path().join("config.json"), config).unwrap();
+    fails_with(
+        &[
+            "run",
+            "--model",
+            tmp.path().to_str().unwrap(),
+            "--prompt-ids",
+            "1",
+        ],
+        &["h.0.mlp.c_fc.weight", "[96, 384]", "[96, 192]"],
+    );
+}
+
+#[test]
+fn token_id_beyond_the_vocabulary_is_refused() {
+    let dir = fixture("tiny-gpt2");
+    fails_with(
+        &[
+            "run",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            "1,1000",
+        ],
+        &["1000", "vocabulary size 1000"],
+    );
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_refused() {
+    let dir = fixture("tiny-gpt2");
+    let ids = vec!["5"; 65].join(",");
+    fails_with(
+        &[
+            "run",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            &ids,
+        ],
+        &["65 tokens", "context", "64"],
+    );
+}
+
+#[test]
+fn impossible_splits_name_the_numbers() {
+    let dir = fixture("tiny-gpt2");
+    fails_with(
+        &[
+            "run",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            "1",
+            "--tp",
+            "5",
+        ],
+        &["tp=5", "12 attention heads"],
+    );
+    fails_with(
+        &[
+            "run",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            "1",
+            "--pp",
+            "7",
+        ],
+        &["pp=7", "6 layers"],
+    );
+    fails_with(
+        &["model", "info", "gpt3-175b", "--tp", "7"],
+        &["tp=7", "96 attention heads"],
+    );
+}
+
+#[test]
+fn bad_sampling_flags_name_the_field() {
+    fails_with(
+        &[
+            "run",
+            "--preset",
+            "gpt2-tiny",
+            "--prompt-ids",
+            "1",
+            "--top-p",
+            "1.5",
+        ],
+        &["top_p", "1.5"],
+    );
+    fails_with(
+        &[
+            "run",
+            "--preset",
+            "gpt2-tiny",
+            "--prompt-ids",
+            "1",
+            "--temperature=-1",
+        ],
+        &["temperature"],
+    );
+}
+
+#[test]
+fn model_info_sizes_gpt3_175b_on_16_workers() {
+    let o = tessera(&[
+        "model",
+        "info",
+        "gpt3-175b",
+        "--tp",
+        "8",
+        "--pp",
+        "2",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let params = v["params"].as_u64().unwrap();
+    assert!(
+        (174_000_000_000..176_000_000_000).contains(&params),
+        "{params}"
+    );
+    assert_eq!(v["kv_bytes_per_token_bf16"].as_u64(), Some(4_718_592));
+    let workers = v["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 16);
+    // Each of 16 workers holds roughly 1/16 of the bf16 weights (~21.9 GB).
+    for w in workers {
+        let b = w["bytes_bf16"].as_u64().unwrap() as f64;
+        assert!((20e9..24e9).contains(&b), "{w}");
+    }
+}
+
+#[test]
+fn synth_checkpoint_round_trips_through_the_reader() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("synth");
+    let o = tessera(&[
+        "model",
+        "synth",
+        "--preset",
+        "gpt2-tiny",
+        "--seed",
+        "5",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let args = |src: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "run",
+            "--prompt-ids",
+            "464,2068,7586",
+            "--max-tokens",
+            "6",
+            "--ignore-eos",
+            "--json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(src.iter().map(|s| s.to_string()));
+        a
+    };
+    let tokens = |a: Vec<String>| -> serde_json::Value {
+        let o = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(&a)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value =
+            serde_json::from_str(String::from_utf8(o.stdout).unwrap().lines().last().unwrap())
+                .unwrap();
+        v["token_ids"].clone()
+    };
+    let from_disk = tokens(args(&["--model", out.to_str().unwrap()]));
+    let in_memory = tokens(args(&["--preset", "gpt2-tiny", "--synth-seed", "5"]));
+    assert_eq!(from_disk, in_memory);
+}
