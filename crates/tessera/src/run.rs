@@ -106,9 +106,12 @@ struct RunReport<'a> {
 pub fn run(args: RunArgs) -> Result<()> {
     init_threads(args.threads)?;
     let (config, source) = args.model.open()?;
-    let tokenizer = Tokenizer::gpt2();
+    let tokenizer = match &args.model.model {
+        Some(dir) => Tokenizer::for_checkpoint(dir)?,
+        None => Tokenizer::gpt2(),
+    };
     let prompt_ids = match (&args.prompt, &args.prompt_ids) {
-        (Some(text), _) => tokenizer.encode(text),
+        (Some(text), _) => tokenizer.encode(text)?,
         (None, Some(ids)) => ids.clone(),
         (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
     };
