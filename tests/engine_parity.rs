@@ -188,3 +188,32 @@ fn synthetic_gpt2_tiny_at_bf16_stays_close_to_f32() {
     let d = max_abs_diff(&f32_run.logits[0], &bf16_run.logits[0]);
     assert!(d < 0.05 && d > 0.0, "max |Δlogit| f32 vs bf16 = {d}");
 }
+
+#[derive(serde::Deserialize)]
+struct SynthCheck {
+    prompt_ids: Vec<u32>,
+    greedy_token_ids: Vec<u32>,
+    first_step_logits_head: Vec<f32>,
+}
+
+/// `scripts/check_synth_in_transformers.py` loaded `tessera model synth --preset P --seed 5`
+/// in transformers and recorded its greedy tokens; the in-memory synthetic weights must
+/// give the same tokens and logits.
+fn check_synth_fixture(preset: &str) {
+    let path = fixture(&format!("synth-{preset}-seed5.json"));
+    let want: SynthCheck = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let config = ModelConfig::preset(preset).unwrap();
+    let source = std::sync::Arc::new(SyntheticWeights::new(config.clone(), 5));
+    let e = engine(&config, source, 2, 2, WeightDtype::F32);
+    let g = greedy(&e, &want.prompt_ids, want.greedy_token_ids.len(), true);
+    assert_eq!(g.token_ids, want.greedy_token_ids, "{preset}");
+    let head = &g.logits[0][..want.first_step_logits_head.len()];
+    let d = max_abs_diff(head, &want.first_step_logits_head);
+    assert!(d <= LOGIT_TOL, "{preset}: max |Δlogit| = {d}");
+}
+
+#[test]
+fn synthetic_checkpoints_match_transformers() {
+    check_synth_fixture("gpt2-tiny");
+    check_synth_fixture("gpt2");
+}
