@@ -112,7 +112,6 @@ fn seeded_sampling_gives_the_same_tokens_at_every_split() {
             top_p: 0.8,
             repetition_penalty: 1.3,
             seed: 5,
-            ..Default::default()
         },
     ];
     let single = engine(&config, source.clone(), 1, 1, WeightDtype::F32);

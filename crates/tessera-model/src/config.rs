@@ -218,7 +218,7 @@ impl ModelConfig {
                 return Err(invalid(field, &value, "must be positive"));
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return Err(invalid(
                 "n_head",
                 &self.n_head,

@@ -67,13 +67,13 @@ impl ShardPlan {
         if tp == 0 || pp == 0 {
             return fail("tp and pp must be at least 1".into());
         }
-        if config.n_head % tp != 0 {
+        if !config.n_head.is_multiple_of(tp) {
             return fail(format!(
                 "tp={tp} does not divide the {} attention heads",
                 config.n_head
             ));
         }
-        if config.n_inner % tp != 0 {
+        if !config.n_inner.is_multiple_of(tp) {
             return fail(format!(
                 "tp={tp} does not divide the MLP size {}",
                 config.n_inner
@@ -94,7 +94,7 @@ impl ShardPlan {
         let layers = even_ranges(config.n_layer, pp);
         let mut shards = Vec::with_capacity(tp * pp);
         for (stage, layers) in layers.iter().enumerate() {
-            for tp_rank in 0..tp {
+            for (tp_rank, vocab) in vocab.iter().enumerate() {
                 shards.push(ShardSpec {
                     worker: stage * tp + tp_rank,
                     stage,
@@ -102,7 +102,7 @@ impl ShardPlan {
                     layers: layers.clone(),
                     heads: tp_rank * heads_per_rank..(tp_rank + 1) * heads_per_rank,
                     ffn: tp_rank * ffn_per_rank..(tp_rank + 1) * ffn_per_rank,
-                    vocab: vocab[tp_rank].clone(),
+                    vocab: vocab.clone(),
                     embeds: stage == 0,
                     has_lm_head: stage == pp - 1,
                 });
