@@ -56,7 +56,8 @@ pub fn engine(
         kv_blocks: config.n_positions.div_ceil(block_size),
         block_size,
     };
-    LocalEngine::start(CpuBackend, config, plan, source, options).expect("engine starts")
+    LocalEngine::start(|_| CpuBackend::new(1), config, plan, source, options)
+        .expect("engine starts")
 }
 
 pub fn greedy(engine: &LocalEngine, prompt: &[u32], n: usize, logits: bool) -> Generation {

@@ -60,6 +60,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Short name for logs: `cpu`, `cuda`.
     fn name(&self) -> &'static str;
 
+    /// Runs `f` on the backend's own threads. The CPU backend's kernels split work over the
+    /// pool `f` runs in, so a whole step runs inside it and pays no cross-pool hand-off per
+    /// kernel; device backends just call `f`.
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
+
     /// Copies a row-major host buffer to the device.
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
     /// Copies a tensor back to the host, row-major.

@@ -6,7 +6,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use tessera_model::{ModelConfig, ShardPlan, WeightSource};
+use tessera_model::{ModelConfig, ShardPlan, ShardSpec, WeightSource};
 
 use crate::backend::{Backend, KvSpec};
 use crate::collective::{local_group, Collective};
@@ -32,8 +32,9 @@ pub struct LocalEngine {
 
 impl LocalEngine {
     /// Loads every shard of `plan` from `source` on `backend` and waits until all are ready.
+    /// `backend_for` makes each shard's backend (for the CPU, a pool of that shard's threads).
     pub fn start<B: Backend + Clone>(
-        backend: B,
+        backend_for: impl Fn(&ShardSpec) -> Result<B>,
         config: &ModelConfig,
         plan: ShardPlan,
         source: Arc<dyn WeightSource>,
@@ -70,29 +71,28 @@ impl LocalEngine {
             let (step_tx, step_rx) = channel::<Arc<StepRequest>>();
             let (out_tx, out_rx) = channel();
             let (ready_tx, ready_rx) = channel();
-            let (backend, config, spec, source) = (
-                backend.clone(),
-                config.clone(),
-                spec.clone(),
-                source.clone(),
-            );
+            let backend = backend_for(spec)?;
+            let (config, spec, source) = (config.clone(), spec.clone(), source.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("shard-s{}-r{}", spec.stage, spec.tp_rank))
                 .spawn(move || {
-                    let mut shard =
-                        match Shard::load(backend, &config, &spec, source.as_ref(), options, comms)
-                        {
-                            Ok(s) => {
-                                let _ = ready_tx.send(Ok((s.kv_spec(), s.weight_bytes())));
-                                s
-                            }
-                            Err(e) => {
-                                let _ = ready_tx.send(Err(e));
-                                return;
-                            }
-                        };
+                    let threads = backend.clone();
+                    let loaded = threads.run(|| {
+                        Shard::load(backend, &config, &spec, source.as_ref(), options, comms)
+                    });
+                    let mut shard = match loaded {
+                        Ok(s) => {
+                            let _ = ready_tx.send(Ok((s.kv_spec(), s.weight_bytes())));
+                            s
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
                     while let Ok(req) = step_rx.recv() {
-                        if out_tx.send(shard.step(&req)).is_err() {
+                        let result = threads.run(|| shard.step(&req));
+                        if out_tx.send(result).is_err() {
                             return;
                         }
                     }

@@ -6,14 +6,15 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use rayon::prelude::*;
 use serde::Serialize;
 use tessera_model::ShardPlan;
-use tessera_runtime::{CpuBackend, GenerateRequest, LocalEngine, SamplingParams, ShardOptions, WeightDtype};
+use tessera_runtime::cpu::membw;
+use tessera_runtime::{
+    Backend, CpuBackend, GenerateRequest, LocalEngine, SamplingParams, ShardOptions, WeightDtype,
+};
 
 use crate::source::{init_threads, ModelArgs};
 
@@ -63,42 +64,26 @@ struct DecodeResult {
     fraction_of_floor: Option<f64>,
 }
 
-/// Reads `bytes` of memory with every thread of the pool and returns GB/s (best of `reps`).
-pub fn read_bandwidth_gb_s(bytes: usize, reps: usize) -> f64 {
-    let buf: Vec<f32> = (0..bytes / 4).map(|i| i as f32).collect();
-    let mut best = 0f64;
-    for _ in 0..reps {
-        let t = Instant::now();
-        let sum: f32 = buf
-            .par_chunks(1 << 16)
-            .map(|c| {
-                let mut acc = [0f32; 16];
-                for block in c.chunks_exact(16) {
-                    for (a, v) in acc.iter_mut().zip(block) {
-                        *a += *v;
-                    }
-                }
-                acc.iter().sum::<f32>()
-            })
-            .sum();
-        let s = t.elapsed().as_secs_f64();
-        std::hint::black_box(sum);
-        best = best.max(bytes as f64 / s / 1e9);
-    }
-    best
-}
-
-fn measure(args: &DecodeArgs, dtype: WeightDtype) -> Result<DecodeResult> {
+fn measure(args: &DecodeArgs, dtype: WeightDtype, threads: usize) -> Result<DecodeResult> {
     let (config, source) = args.model.open()?;
     let plan = ShardPlan::new(&config, 1, 1)?;
     let block_size = 16;
-    let options = ShardOptions { dtype, kv_blocks: config.n_positions.div_ceil(block_size), block_size };
-    let engine = LocalEngine::start(CpuBackend, &config, plan, source, options)?;
+    let options = ShardOptions {
+        dtype,
+        kv_blocks: config.n_positions.div_ceil(block_size),
+        block_size,
+    };
+    let engine = LocalEngine::start(|_| CpuBackend::new(threads), &config, plan, source, options)?;
     let bytes: u64 = engine.weight_bytes().iter().map(|&b| b as u64).sum();
     if args.prompt_tokens + args.warmup + args.tokens >= config.n_positions {
-        bail!("prompt + warm-up + timed tokens must fit in the context of {}", config.n_positions);
+        bail!(
+            "prompt + warm-up + timed tokens must fit in the context of {}",
+            config.n_positions
+        );
     }
-    let prompt: Vec<u32> = (0..args.prompt_tokens as u32).map(|i| (i * 7919) % config.vocab_size as u32).collect();
+    let prompt: Vec<u32> = (0..args.prompt_tokens as u32)
+        .map(|i| (i * 7919) % config.vocab_size as u32)
+        .collect();
     let req = |n| GenerateRequest {
         prompt_ids: prompt.clone(),
         max_tokens: n,
@@ -110,7 +95,8 @@ fn measure(args: &DecodeArgs, dtype: WeightDtype) -> Result<DecodeResult> {
     // The first token comes from the prefill step; decode_ms covers the rest.
     let g = engine.generate(&req(args.tokens + 1))?;
     let tps = g.decode_tokens_per_s();
-    let bw = read_bandwidth_gb_s(bytes as usize, 5);
+    // Measured right after the run, on a pool of the same threads.
+    let bw = CpuBackend::new(threads)?.run(|| membw::read_bandwidth_gb_s(bytes as usize, 5));
     let floor = bw * 1e9 / bytes as f64;
     Ok(DecodeResult {
         engine: "tessera".into(),
@@ -127,23 +113,45 @@ fn measure(args: &DecodeArgs, dtype: WeightDtype) -> Result<DecodeResult> {
 fn torch(args: &DecodeArgs, python: &PathBuf, threads: usize) -> Result<Vec<DecodeResult>> {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench_torch.py");
     let dtypes: Vec<String> = args.dtypes.iter().map(|d| d.to_string()).collect();
-    let dtype_arg = if dtypes.len() > 1 { "both".to_string() } else { dtypes[0].clone() };
+    let dtype_arg = if dtypes.len() > 1 {
+        "both".to_string()
+    } else {
+        dtypes[0].clone()
+    };
     let mut cmd = Command::new(python);
     cmd.arg(&script)
-        .args(["--preset", &args.model.preset, "--dtype", &dtype_arg, "--tokens", &args.tokens.to_string()])
+        .args([
+            "--preset",
+            &args.model.preset,
+            "--dtype",
+            &dtype_arg,
+            "--tokens",
+            &args.tokens.to_string(),
+        ])
         .args(["--threads", &threads.to_string(), "--json"]);
     if let Some(dir) = &args.model.model {
         cmd.arg("--checkpoint").arg(dir);
     }
-    let out = cmd.output().with_context(|| format!("cannot run {}", python.display()))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {}", python.display()))?;
     if !out.status.success() {
-        bail!("bench_torch.py failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "bench_torch.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).context("bench_torch.py printed no JSON")?;
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .context("bench_torch.py printed no JSON")?;
     let v: serde_json::Value = serde_json::from_str(line)?;
     let version = v["torch"].as_str().unwrap_or("?");
-    let results = v["results"].as_array().context("bench_torch.py JSON has no results")?;
+    let results = v["results"]
+        .as_array()
+        .context("bench_torch.py JSON has no results")?;
     Ok(results
         .iter()
         .map(|r| DecodeResult {
@@ -165,24 +173,56 @@ pub fn bench(cmd: BenchCommand) -> Result<()> {
             let threads = init_threads(args.threads)?;
             let mut results = Vec::new();
             for &dtype in &args.dtypes {
-                results.push(measure(&args, dtype)?);
+                results.push(measure(&args, dtype, threads)?);
             }
             if let Some(py) = &args.torch_python {
                 let theirs = torch(&args, py, threads)?;
                 for r in theirs {
-                    let floor = results.iter().find(|o| o.dtype == r.dtype).and_then(|o| o.floor_tokens_per_s);
-                    results.push(DecodeResult { fraction_of_floor: floor.map(|f| r.decode_tokens_per_s / f), floor_tokens_per_s: floor, ..r });
+                    let floor = results
+                        .iter()
+                        .find(|o| o.dtype == r.dtype)
+                        .and_then(|o| o.floor_tokens_per_s);
+                    results.push(DecodeResult {
+                        fraction_of_floor: floor.map(|f| r.decode_tokens_per_s / f),
+                        floor_tokens_per_s: floor,
+                        ..r
+                    });
                 }
             }
             if args.json {
-                println!("{}", serde_json::to_string(&serde_json::json!({ "threads": threads, "results": results }))?);
+                println!(
+                    "{}",
+                    serde_json::to_string(
+                        &serde_json::json!({ "threads": threads, "results": results })
+                    )?
+                );
                 return Ok(());
             }
-            let name = args.model.model.as_ref().map(|p| p.display().to_string()).unwrap_or(args.model.preset.clone());
-            println!("batch-1 decode, {name}, {threads} threads, {} timed tokens", args.tokens);
-            println!("{:<16} {:>5} {:>10} {:>9} {:>12} {:>10} {:>11} {:>8}", "engine", "dtype", "tokens/s", "ms/token", "MB/token", "read GB/s", "floor tok/s", "of floor");
+            let name = args
+                .model
+                .model
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or(args.model.preset.clone());
+            println!(
+                "batch-1 decode, {name}, {threads} threads, {} timed tokens",
+                args.tokens
+            );
+            println!(
+                "{:<16} {:>5} {:>10} {:>9} {:>12} {:>10} {:>11} {:>8}",
+                "engine",
+                "dtype",
+                "tokens/s",
+                "ms/token",
+                "MB/token",
+                "read GB/s",
+                "floor tok/s",
+                "of floor"
+            );
             for r in &results {
-                let opt = |v: Option<f64>, p: usize| v.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "-".into());
+                let opt = |v: Option<f64>, p: usize| {
+                    v.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "-".into())
+                };
                 println!(
                     "{:<16} {:>5} {:>10.2} {:>9.2} {:>12} {:>10} {:>11} {:>8}",
                     r.engine,
@@ -192,7 +232,9 @@ pub fn bench(cmd: BenchCommand) -> Result<()> {
                     opt(r.weight_bytes_per_token.map(|b| b as f64 / 1e6), 1),
                     opt(r.read_bandwidth_gb_s, 2),
                     opt(r.floor_tokens_per_s, 2),
-                    r.fraction_of_floor.map(|f| format!("{:.1}%", f * 100.0)).unwrap_or_else(|| "-".into()),
+                    r.fraction_of_floor
+                        .map(|f| format!("{:.1}%", f * 100.0))
+                        .unwrap_or_else(|| "-".into()),
                 );
             }
             Ok(())

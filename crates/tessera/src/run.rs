@@ -4,11 +4,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 use tessera_model::{ShardPlan, Tokenizer};
-use tessera_runtime::{
-    CpuBackend, GenerateRequest, LocalEngine, SamplingParams, ShardOptions, WeightDtype,
-};
+use tessera_runtime::{GenerateRequest, LocalEngine, SamplingParams, ShardOptions, WeightDtype};
 
-use crate::source::{init_threads, ModelArgs};
+use crate::source::{cpu_backends, init_threads, ModelArgs};
 
 /// Arguments of `tessera run`.
 #[derive(Debug, Args)]
@@ -104,7 +102,7 @@ struct RunReport<'a> {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
-    init_threads(args.threads)?;
+    let threads = init_threads(args.threads)?;
     let (config, source) = args.model.open()?;
     let tokenizer = match &args.model.model {
         Some(dir) => Tokenizer::for_checkpoint(dir)?,
@@ -145,8 +143,14 @@ pub fn run(args: RunArgs) -> Result<()> {
         kv_blocks: config.n_positions.div_ceil(args.block_size),
         block_size: args.block_size,
     };
-    let engine = LocalEngine::start(CpuBackend, &config, plan, source, options)
-        .context("cannot load the model")?;
+    let engine = LocalEngine::start(
+        cpu_backends(threads, args.tp * args.pp),
+        &config,
+        plan,
+        source,
+        options,
+    )
+    .context("cannot load the model")?;
     let req = GenerateRequest {
         prompt_ids: prompt_ids.clone(),
         max_tokens: args.max_tokens,

@@ -44,6 +44,16 @@ impl ModelArgs {
     }
 }
 
+/// One CPU backend per shard, splitting `threads` evenly over the `world` shards of this
+/// process (at least one each).
+pub fn cpu_backends(
+    threads: usize,
+    world: usize,
+) -> impl Fn(&tessera_model::ShardSpec) -> tessera_runtime::Result<tessera_runtime::CpuBackend> {
+    let per_shard = (threads / world.max(1)).max(1);
+    move |_| tessera_runtime::CpuBackend::new(per_shard)
+}
+
 /// Sizes rayon's global pool: every core unless told otherwise.
 pub fn init_threads(threads: Option<usize>) -> Result<usize> {
     let n = threads.unwrap_or_else(|| {

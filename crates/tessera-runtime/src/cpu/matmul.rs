@@ -18,27 +18,37 @@ use rayon::prelude::*;
 use crate::dtype::WeightDtype;
 
 /// Batches of up to this many rows use the streaming GEMV kernel, larger ones `gemm`.
-/// Measured on a 2-core Sapphire Rapids (768→3072, f32 and bf16): GEMV still streams the
-/// weights at full bandwidth at m = 8, and `gemm` only overtakes it at about m = 12.
-const GEMV_MAX_M: usize = 8;
+/// Measured on a 2-core Sapphire Rapids with weights streamed from memory (768→3072 and
+/// 3072→768, f32 and bf16): GEMV is faster through m = 12 (1.3–3× at m = 8), `gemm` from
+/// about m = 16–24.
+const GEMV_MAX_M: usize = 12;
 
 /// Fewest weight bytes one GEMV task streams, so that rayon's per-task cost (a few µs)
 /// stays a few percent of the task.
 const GEMV_MIN_TASK_BYTES: usize = 128 * 1024;
 
-/// GEMV tasks per rayon thread: more than one, so work stealing evens out a thread that the
-/// OS (or a noisy neighbour) slows down.
-const GEMV_TASKS_PER_THREAD: usize = 4;
+/// GEMV tasks per rayon thread: several, so that work stealing evens out the end of a call
+/// (and a thread the OS or a noisy neighbour slows down). A thread runs neighbouring tasks
+/// in order, so its weights still stream sequentially. Measured: 8 per thread is 5–10%
+/// faster than 1–2 on a whole GPT-2 decode step.
+const GEMV_TASKS_PER_THREAD: usize = 8;
 
-/// Weight rows dotted in one pass: independent accumulators hide the FMA latency and give
-/// the hardware prefetcher several streams.
-const GEMV_ROW_GROUP: usize = 4;
-
-/// Activation rows dotted against a row group per pass (4 × 4 accumulator registers).
+/// Activation rows dotted against a weight row per pass (4 × 4 accumulator registers).
 const GEMV_X_GROUP: usize = 4;
+
+/// How far ahead of the GEMV kernels' reads weights are prefetched (into L2). The hardware
+/// prefetcher alone keeps too few lines in flight on one core: measured on a whole GPT-2
+/// decode step, 4–16 KiB ahead is 25–50% faster than none (bf16 gains the most, having
+/// more instructions per byte, so the out-of-order window reaches less far ahead).
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_AHEAD_BYTES: usize = 8 * 1024;
 
 /// Most bf16 weight rows widened to an f32 scratch for one `gemm` call in prefill.
 const PREFILL_BF16_BLOCK_ROWS: usize = 256;
+
+/// bf16 prefill blocks per rayon thread (when the matrix has fewer rows than
+/// `PREFILL_BF16_BLOCK_ROWS` × this × threads), for balance.
+const PREFILL_BF16_BLOCKS_PER_THREAD: usize = 4;
 
 /// Below this many multiply-adds `gemm` runs on the calling thread: fanning out costs more
 /// than it saves.
@@ -75,7 +85,11 @@ impl Matrix {
     /// If `data.len() != rows * cols`.
     pub fn from_f32(rows: usize, cols: usize, data: Vec<f32>) -> Self {
         check_len("Matrix::from_f32", rows, cols, data.len());
-        Matrix { rows, cols, data: Storage::F32(data) }
+        Matrix {
+            rows,
+            cols,
+            data: Storage::F32(data),
+        }
     }
 
     /// Stores `data` as `dtype`; bf16 rounds each weight to nearest, ties to even.
@@ -88,7 +102,11 @@ impl Matrix {
             WeightDtype::Bf16 => {
                 check_len("Matrix::new", rows, cols, data.len());
                 let data = data.par_iter().map(|&v| bf16::from_f32(v)).collect();
-                Matrix { rows, cols, data: Storage::Bf16(data) }
+                Matrix {
+                    rows,
+                    cols,
+                    data: Storage::Bf16(data),
+                }
             }
         }
     }
@@ -121,8 +139,18 @@ impl Matrix {
     /// # Panics
     /// If `r >= rows` or `out.len() != cols`.
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
-        assert!(r < self.rows, "row {r} out of range for a matrix of {} rows", self.rows);
-        assert_eq!(out.len(), self.cols, "row_to_f32: output holds {} values, row has {}", out.len(), self.cols);
+        assert!(
+            r < self.rows,
+            "row {r} out of range for a matrix of {} rows",
+            self.rows
+        );
+        assert_eq!(
+            out.len(),
+            self.cols,
+            "row_to_f32: output holds {} values, row has {}",
+            out.len(),
+            self.cols
+        );
         let range = r * self.cols..(r + 1) * self.cols;
         match &self.data {
             Storage::F32(d) => out.copy_from_slice(&d[range]),
@@ -136,19 +164,29 @@ impl Matrix {
 }
 
 fn check_len(what: &str, rows: usize, cols: usize, len: usize) {
-    assert_eq!(len, rows * cols, "{what}: a {rows}×{cols} matrix needs {} values, got {len}", rows * cols);
+    assert_eq!(
+        len,
+        rows * cols,
+        "{what}: a {rows}×{cols} matrix needs {} values, got {len}",
+        rows * cols
+    );
 }
 
 /// out[m × rows] = x[m × cols] · Wᵀ (+ bias[rows] broadcast over the m rows).
 ///
 /// Uses the *current* rayon thread pool (callers `pool.install(..)`) for parallelism. For
-/// m ≤ 8 each output is computed wholly by one task in a fixed order, so results do not
-/// depend on the number of threads, and row i of a batch equals the same row run alone.
+/// m ≤ 12 (decode) each output is computed wholly by one task in a fixed order, so results
+/// do not depend on the number of threads, and row i of a batch equals the same row run
+/// alone.
 ///
 /// # Panics
 /// If `x.len() != m * w.cols()`, `out.len() != m * w.rows()` or `bias.len() != w.rows()`.
 pub fn linear(x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>, out: &mut [f32]) {
-    let kernel = if m <= GEMV_MAX_M { Kernel::Gemv } else { Kernel::Gemm };
+    let kernel = if m <= GEMV_MAX_M {
+        Kernel::Gemv
+    } else {
+        Kernel::Gemm
+    };
     linear_with(SimdLevel::detected(), kernel, x, m, w, bias, out);
 }
 
@@ -163,6 +201,7 @@ enum Kernel {
 
 /// Instruction set the GEMV kernel runs with, ordered from least to most capable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only x86-64 has SIMD kernels
 enum SimdLevel {
     Scalar,
     /// AVX2 + FMA, 8 lanes.
@@ -201,12 +240,30 @@ fn linear_with(
     out: &mut [f32],
 ) {
     // The x86 kernels are only sound on CPUs that have the instructions.
-    assert!(level <= SimdLevel::detected(), "{level:?} kernels requested on a CPU without them");
+    assert!(
+        level <= SimdLevel::detected(),
+        "{level:?} kernels requested on a CPU without them"
+    );
     let (rows, cols) = (w.rows, w.cols);
-    assert_eq!(x.len(), m * cols, "linear: x holds {} values, expected m×cols = {m}×{cols}", x.len());
-    assert_eq!(out.len(), m * rows, "linear: out holds {} values, expected m×rows = {m}×{rows}", out.len());
+    assert_eq!(
+        x.len(),
+        m * cols,
+        "linear: x holds {} values, expected m×cols = {m}×{cols}",
+        x.len()
+    );
+    assert_eq!(
+        out.len(),
+        m * rows,
+        "linear: out holds {} values, expected m×rows = {m}×{rows}",
+        out.len()
+    );
     if let Some(b) = bias {
-        assert_eq!(b.len(), rows, "linear: bias holds {} values, matrix has {rows} rows", b.len());
+        assert_eq!(
+            b.len(),
+            rows,
+            "linear: bias holds {} values, matrix has {rows} rows",
+            b.len()
+        );
     }
     if m == 0 || rows == 0 {
         return;
@@ -238,8 +295,19 @@ fn gemv(level: SimdLevel, x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>,
     let threads = rayon::current_num_threads();
     let min_rows = GEMV_MIN_TASK_BYTES.div_ceil(row_bytes);
     let balanced_rows = rows.div_ceil(threads * GEMV_TASKS_PER_THREAD);
-    let chunk_rows = balanced_rows.max(min_rows).next_multiple_of(GEMV_ROW_GROUP);
+    let chunk_rows = balanced_rows.max(min_rows);
     let n_tasks = rows.div_ceil(chunk_rows);
+
+    // The SIMD bf16 kernels split each block of packed weights into even and odd elements;
+    // reorder x once to match.
+    let x_split;
+    let x = match (&w.data, bf16_block(level)) {
+        (Storage::Bf16(_), Some(block)) => {
+            x_split = split_even_odd(x, cols, block);
+            &x_split[..]
+        }
+        _ => x,
+    };
 
     let mut tasks: Vec<Vec<&mut [f32]>> = (0..n_tasks).map(|_| Vec::with_capacity(m)).collect();
     for out_row in out.chunks_mut(rows) {
@@ -252,8 +320,12 @@ fn gemv(level: SimdLevel, x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>,
         let r1 = r0 + outs[0].len();
         let bias = bias.map(|b| &b[r0..r1]);
         match &w.data {
-            Storage::F32(d) => gemv_rows(level, x, m, cols, &d[r0 * cols..r1 * cols], bias, &mut outs),
-            Storage::Bf16(d) => gemv_rows(level, x, m, cols, &d[r0 * cols..r1 * cols], bias, &mut outs),
+            Storage::F32(d) => {
+                gemv_rows(level, x, m, cols, &d[r0 * cols..r1 * cols], bias, &mut outs)
+            }
+            Storage::Bf16(d) => {
+                gemv_rows(level, x, m, cols, &d[r0 * cols..r1 * cols], bias, &mut outs)
+            }
         }
     };
     if n_tasks == 1 {
@@ -263,7 +335,37 @@ fn gemv(level: SimdLevel, x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>,
     }
 }
 
-/// Dots the weight rows `w` (`outs[i].len()` rows of `cols`) with every row of `x`.
+/// Elements per even/odd block of the bf16 kernel at `level` (one vector of packed bf16),
+/// `None` where x keeps its order.
+fn bf16_block(level: SimdLevel) -> Option<usize> {
+    match level {
+        SimdLevel::Scalar => None,
+        SimdLevel::Avx2 => Some(16),
+        SimdLevel::Avx512 => Some(32),
+    }
+}
+
+/// Copies the `cols`-long rows of `x`, reordering each whole block of `block` values to its
+/// even-indexed values followed by its odd-indexed ones; a trailing partial block keeps its
+/// order.
+fn split_even_odd(x: &[f32], cols: usize, block: usize) -> Vec<f32> {
+    let mut split = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(cols) {
+        let blocks = row.chunks_exact(block);
+        let tail = blocks.remainder();
+        for b in blocks {
+            split.extend(b.iter().step_by(2));
+            split.extend(b.iter().skip(1).step_by(2));
+        }
+        split.extend_from_slice(tail);
+    }
+    split
+}
+
+/// Dots the weight rows `w` (`outs[i].len()` rows of `cols`) with every row of `x`, one
+/// weight row at a time so the task reads its weights as a single sequential stream (the
+/// hardware prefetcher follows one stream per 4 KiB page; several interleaved short rows
+/// defeat it).
 fn gemv_rows<T: Weight>(
     level: SimdLevel,
     x: &[f32],
@@ -273,143 +375,100 @@ fn gemv_rows<T: Weight>(
     bias: Option<&[f32]>,
     outs: &mut [&mut [f32]],
 ) {
-    let n = outs[0].len();
-    let grouped = n - n % GEMV_ROW_GROUP;
-    for r in (0..grouped).step_by(GEMV_ROW_GROUP) {
-        gemv_group::<T, GEMV_ROW_GROUP>(level, x, m, cols, &w[r * cols..], r, bias, outs);
-    }
-    for r in grouped..n {
-        gemv_group::<T, 1>(level, x, m, cols, &w[r * cols..], r, bias, outs);
-    }
-}
-
-/// Dots `R` weight rows (the start of `w`) with all `m` activation rows, `GEMV_X_GROUP` at
-/// a time, and stores them at column `r` of each output row.
-#[allow(clippy::too_many_arguments)]
-fn gemv_group<T: Weight, const R: usize>(
-    level: SimdLevel,
-    x: &[f32],
-    m: usize,
-    cols: usize,
-    w: &[T],
-    r: usize,
-    bias: Option<&[f32]>,
-    outs: &mut [&mut [f32]],
-) {
-    let w = &w[..R * cols];
-    let mut i = 0;
-    while i < m {
-        let xs = (m - i).min(GEMV_X_GROUP);
-        let x = &x[i * cols..(i + xs) * cols];
-        let outs = &mut outs[i..i + xs];
-        match xs {
-            1 => store(dot_tile::<T, R, 1>(level, w, x, cols), r, bias, outs),
-            2 => store(dot_tile::<T, R, 2>(level, w, x, cols), r, bias, outs),
-            3 => store(dot_tile::<T, R, 3>(level, w, x, cols), r, bias, outs),
-            _ => store(dot_tile::<T, R, 4>(level, w, x, cols), r, bias, outs),
-        }
-        i += xs;
-    }
-}
-
-fn store<const R: usize, const MR: usize>(
-    dots: [[f32; R]; MR],
-    r: usize,
-    bias: Option<&[f32]>,
-    outs: &mut [&mut [f32]],
-) {
-    for (out, dots) in outs.iter_mut().zip(dots) {
-        let out = &mut out[r..r + R];
-        match bias {
-            Some(b) => {
-                for ((o, d), b) in out.iter_mut().zip(dots).zip(&b[r..r + R]) {
-                    *o = d + b;
-                }
+    for (r, w_row) in w.chunks_exact(cols).enumerate() {
+        let b = bias.map_or(0.0, |b| b[r]);
+        let mut i = 0;
+        while i < m {
+            let xs = (m - i).min(GEMV_X_GROUP);
+            let x = &x[i * cols..(i + xs) * cols];
+            let outs = &mut outs[i..i + xs];
+            match xs {
+                1 => store(dot_row::<T, 1>(level, w_row, x), r, b, outs),
+                2 => store(dot_row::<T, 2>(level, w_row, x), r, b, outs),
+                3 => store(dot_row::<T, 3>(level, w_row, x), r, b, outs),
+                _ => store(dot_row::<T, 4>(level, w_row, x), r, b, outs),
             }
-            None => out.copy_from_slice(&dots),
+            i += xs;
         }
     }
 }
 
-/// `[i][r] = x[i] · w[r]` for `R` weight rows and `MR` activation rows of `cols` values.
+fn store<const MR: usize>(dots: [f32; MR], r: usize, bias: f32, outs: &mut [&mut [f32]]) {
+    for (out, dot) in outs.iter_mut().zip(dots) {
+        out[r] = dot + bias;
+    }
+}
+
+/// `[i] = x[i] · w` for one weight row `w` and `MR` activation rows of `w.len()` values
+/// (for bf16 at a SIMD level, x reordered by `split_even_odd`).
 ///
-/// Each dot is accumulated on its own, lane by lane in column order, then reduced in a fixed
-/// order: the result for a pair of rows does not depend on `R`, `MR` or which task ran it.
-fn dot_tile<T: Weight, const R: usize, const MR: usize>(
-    level: SimdLevel,
-    w: &[T],
-    x: &[f32],
-    cols: usize,
-) -> [[f32; R]; MR] {
-    assert!(w.len() == R * cols && x.len() == MR * cols);
+/// The summation order depends only on `w.len()` and the SIMD level, never on the row or
+/// the task: results do not depend on the thread count, and a row of a batch equals the
+/// same row run alone.
+fn dot_row<T: Weight, const MR: usize>(level: SimdLevel, w: &[T], x: &[f32]) -> [f32; MR] {
+    let cols = w.len();
+    assert_eq!(x.len(), MR * cols);
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `linear_with` only lets levels up to `SimdLevel::detected()` through, so
         // the CPU has AVX-512 F+BW; the lengths asserted above are the ones the kernel reads.
-        SimdLevel::Avx512 => unsafe { x86::dot_tile_avx512::<T, R, MR>(w.as_ptr(), x.as_ptr(), cols) },
+        SimdLevel::Avx512 => unsafe { T::dot_row_avx512::<MR>(w.as_ptr(), x.as_ptr(), cols) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, the CPU has AVX2 and FMA; lengths asserted above.
-        SimdLevel::Avx2 => unsafe { x86::dot_tile_avx2::<T, R, MR>(w.as_ptr(), x.as_ptr(), cols) },
-        _ => dot_tile_scalar::<T, R, MR>(w, x, cols),
+        SimdLevel::Avx2 => unsafe { T::dot_row_avx2::<MR>(w.as_ptr(), x.as_ptr(), cols) },
+        _ => dot_row_scalar::<T, MR>(w, x),
     }
 }
 
-/// Portable kernel: eight interleaved partial sums per dot (which the compiler may keep in a
-/// vector register), the same summation shape as the SIMD kernels.
-fn dot_tile_scalar<T: Weight, const R: usize, const MR: usize>(w: &[T], x: &[f32], cols: usize) -> [[f32; R]; MR] {
+/// Portable kernel: eight interleaved partial sums per dot, which the compiler may keep in
+/// a vector register.
+fn dot_row_scalar<T: Weight, const MR: usize>(w: &[T], x: &[f32]) -> [f32; MR] {
     const LANES: usize = 8;
-    let mut out = [[0.0; R]; MR];
-    for (xi, out_i) in x.chunks_exact(cols).zip(out.iter_mut()) {
-        for (wr, o) in w.chunks_exact(cols).zip(out_i.iter_mut()) {
-            let mut lanes = [0.0f32; LANES];
-            let (wc, xc) = (wr.chunks_exact(LANES), xi.chunks_exact(LANES));
-            let (w_tail, x_tail) = (wc.remainder(), xc.remainder());
-            for (wc, xc) in wc.zip(xc) {
-                for ((l, wv), xv) in lanes.iter_mut().zip(wc).zip(xc) {
-                    *l += wv.to_f32() * xv;
-                }
-            }
-            for ((l, wv), xv) in lanes.iter_mut().zip(w_tail).zip(x_tail) {
+    let mut out = [0.0; MR];
+    for (xi, o) in x.chunks_exact(w.len()).zip(out.iter_mut()) {
+        let mut lanes = [0.0f32; LANES];
+        let (wc, xc) = (w.chunks_exact(LANES), xi.chunks_exact(LANES));
+        let (w_tail, x_tail) = (wc.remainder(), xc.remainder());
+        for (wc, xc) in wc.zip(xc) {
+            for ((l, wv), xv) in lanes.iter_mut().zip(wc).zip(xc) {
                 *l += wv.to_f32() * xv;
             }
-            *o = lanes.iter().sum();
         }
+        for ((l, wv), xv) in lanes.iter_mut().zip(w_tail).zip(x_tail) {
+            *l += wv.to_f32() * xv;
+        }
+        *o = lanes.iter().sum();
     }
     out
 }
 
-/// A stored weight type the kernels widen to f32.
+/// A stored weight type, with its kernels.
 trait Weight: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
 
-    /// Widens 16 weights at `p`.
+    /// See `dot_row`.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F+BW; `p..p + 16` is readable.
+    /// The CPU has AVX-512 F+BW; `w` points at `cols` weights and `x` at `MR * cols` floats
+    /// (row-major, row stride `cols`).
     #[cfg(target_arch = "x86_64")]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    unsafe fn dot_row_avx512<const MR: usize>(
+        w: *const Self,
+        x: *const f32,
+        cols: usize,
+    ) -> [f32; MR];
 
-    /// Widens the weights at `p` selected by `mask`, zero elsewhere.
+    /// See `dot_row`.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F+BW; the masked-in elements of `p..p + 16` are readable (the
-    /// others are never touched).
+    /// The CPU has AVX2 and FMA; `w` points at `cols` weights and `x` at `MR * cols` floats
+    /// (row-major, row stride `cols`).
     #[cfg(target_arch = "x86_64")]
-    unsafe fn load16_masked(p: *const Self, mask: u16) -> std::arch::x86_64::__m512;
-
-    /// Widens 8 weights at `p`.
-    ///
-    /// # Safety
-    /// The CPU has AVX2; `p..p + 8` is readable.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
-
-    /// Widens the first `n < 8` weights at `p`, zero in the other lanes.
-    ///
-    /// # Safety
-    /// The CPU has AVX2; `p..p + n` is readable.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load8_partial(p: *const Self, n: usize) -> std::arch::x86_64::__m256;
+    unsafe fn dot_row_avx2<const MR: usize>(
+        w: *const Self,
+        x: *const f32,
+        cols: usize,
+    ) -> [f32; MR];
 }
 
 impl Weight for f32 {
@@ -421,29 +480,23 @@ impl Weight for f32 {
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
-        std::arch::x86_64::_mm512_loadu_ps(p)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn load16_masked(p: *const f32, mask: u16) -> std::arch::x86_64::__m512 {
-        std::arch::x86_64::_mm512_maskz_loadu_ps(mask, p)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
-        std::arch::x86_64::_mm256_loadu_ps(p)
+    unsafe fn dot_row_avx512<const MR: usize>(
+        w: *const f32,
+        x: *const f32,
+        cols: usize,
+    ) -> [f32; MR] {
+        x86::dot_row_f32_avx512::<MR>(w, x, cols)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn load8_partial(p: *const f32, n: usize) -> std::arch::x86_64::__m256 {
-        std::arch::x86_64::_mm256_maskload_ps(p, x86::lane_mask8(n))
+    unsafe fn dot_row_avx2<const MR: usize>(
+        w: *const f32,
+        x: *const f32,
+        cols: usize,
+    ) -> [f32; MR] {
+        x86::dot_row_f32_avx2::<MR>(w, x, cols)
     }
 }
 
@@ -456,174 +509,267 @@ impl Weight for bf16 {
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn load16(p: *const bf16) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        x86::widen_bf16x16(_mm256_loadu_si256(p.cast()))
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn load16_masked(p: *const bf16, mask: u16) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        let v = _mm512_maskz_loadu_epi16(u32::from(mask), p.cast());
-        x86::widen_bf16x16(_mm512_castsi512_si256(v))
+    unsafe fn dot_row_avx512<const MR: usize>(
+        w: *const bf16,
+        x: *const f32,
+        cols: usize,
+    ) -> [f32; MR] {
+        x86::dot_row_bf16_avx512::<MR>(w.cast(), x, cols)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn load8(p: *const bf16) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
-        x86::widen_bf16x8(_mm_loadu_si128(p.cast()))
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn load8_partial(p: *const bf16, n: usize) -> std::arch::x86_64::__m256 {
-        let mut buf = [half::bf16::ZERO; 8];
-        std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n);
-        x86::widen_bf16x8(std::arch::x86_64::_mm_loadu_si128(buf.as_ptr().cast()))
+    unsafe fn dot_row_avx2<const MR: usize>(
+        w: *const bf16,
+        x: *const f32,
+        cols: usize,
+    ) -> [f32; MR] {
+        x86::dot_row_bf16_avx2::<MR>(w.cast(), x, cols)
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! The x86-64 GEMV kernels. Every function here is `unsafe` because it needs the CPU
-    //! features in its `target_feature` attribute; callers check them at run time.
+    //! The x86-64 GEMV kernels (see `super::dot_row`). Each is `unsafe` because it needs the
+    //! CPU features in its `target_feature` attribute, which callers check at run time, and
+    //! reads `cols` weights at `w` and `MR * cols` floats at `x` (row stride `cols`).
+    //!
+    //! Each dot keeps several vectors in flight, each summed in its own accumulator (FMA
+    //! latency is 4 cycles), and folds them in a fixed order at the end.
+    //!
+    //! bf16 weights: a 32-bit lane of packed bf16 holds element 2j in its low half and 2j+1
+    //! in its high half. Shifting the lane left by 16 gives element 2j as an f32, masking
+    //! off the low half gives element 2j+1: two instructions widen a whole vector, against
+    //! x reordered even-then-odd (`super::split_even_odd`). A trailing partial block is
+    //! widened by zero-extension against x in order.
 
     use std::arch::x86_64::*;
 
-    use super::Weight;
+    use super::PREFETCH_AHEAD_BYTES;
 
-    /// bf16 bits are the upper half of the f32 with the same value: zero-extend, shift.
-    #[inline]
+    /// Hints the cache line `PREFETCH_AHEAD_BYTES` past `p` into L2. Never faults, so the
+    /// line may lie past the end of the weights.
+    #[inline(always)]
+    fn prefetch_ahead<T>(p: *const T) {
+        let ahead = p.cast::<u8>().wrapping_add(PREFETCH_AHEAD_BYTES);
+        // SAFETY: a prefetch (baseline SSE) only hints the cache; it never faults or reads.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(ahead.cast()) };
+    }
+
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn widen_bf16x16(v: __m256i) -> __m512 {
-        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn widen_bf16x8(v: __m128i) -> __m256 {
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v)))
-    }
-
-    /// Lane mask with the first `n` of 8 lanes set, for `maskload`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn lane_mask8(n: usize) -> __m256i {
-        _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn reduce_add256(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-    }
-
-    /// See `super::dot_tile`.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512 F+BW; `w` points at `R * cols` weights and `x` at `MR * cols`
-    /// floats (row-major, row stride `cols`).
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn dot_tile_avx512<T: Weight, const R: usize, const MR: usize>(
-        w: *const T,
+    pub(super) unsafe fn dot_row_f32_avx512<const MR: usize>(
+        w: *const f32,
         x: *const f32,
         cols: usize,
-    ) -> [[f32; R]; MR] {
-        let mut acc = [[_mm512_setzero_ps(); R]; MR];
-        let mut xv = [_mm512_setzero_ps(); MR];
+    ) -> [f32; MR] {
+        const U: usize = 4;
+        let mut acc = [[_mm512_setzero_ps(); U]; MR];
         let mut k = 0;
-        while k + 16 <= cols {
-            for (i, xv) in xv.iter_mut().enumerate() {
-                // SAFETY: k + 16 <= cols, so the 16 floats are inside x row i.
-                *xv = _mm512_loadu_ps(x.add(i * cols + k));
-            }
-            for r in 0..R {
-                // SAFETY: k + 16 <= cols, inside weight row r.
-                let wv = T::load16(w.add(r * cols + k));
-                for (acc, xv) in acc.iter_mut().zip(&xv) {
-                    acc[r] = _mm512_fmadd_ps(wv, *xv, acc[r]);
+        while k + 16 * U <= cols {
+            for u in 0..U {
+                prefetch_ahead(w.wrapping_add(k + 16 * u));
+                // SAFETY (all loads here): k + 16 * U <= cols.
+                let wv = _mm512_loadu_ps(w.add(k + 16 * u));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    acc[u] =
+                        _mm512_fmadd_ps(wv, _mm512_loadu_ps(x.add(i * cols + k + 16 * u)), acc[u]);
                 }
+            }
+            k += 16 * U;
+        }
+        while k + 16 <= cols {
+            // SAFETY (all loads here): k + 16 <= cols.
+            let wv = _mm512_loadu_ps(w.add(k));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                acc[0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x.add(i * cols + k)), acc[0]);
             }
             k += 16;
         }
         if k < cols {
             let mask = ((1u32 << (cols - k)) - 1) as u16;
-            for (i, xv) in xv.iter_mut().enumerate() {
-                // SAFETY: the mask selects only the cols - k floats left in x row i.
-                *xv = _mm512_maskz_loadu_ps(mask, x.add(i * cols + k));
-            }
-            for r in 0..R {
-                // SAFETY: the mask selects only the cols - k weights left in row r.
-                let wv = T::load16_masked(w.add(r * cols + k), mask);
-                for (acc, xv) in acc.iter_mut().zip(&xv) {
-                    acc[r] = _mm512_fmadd_ps(wv, *xv, acc[r]);
-                }
+            // SAFETY (all loads here): the mask selects only the cols - k elements left.
+            let wv = _mm512_maskz_loadu_ps(mask, w.add(k));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                acc[1] =
+                    _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x.add(i * cols + k)), acc[1]);
             }
         }
-        let mut out = [[0.0; R]; MR];
-        for (out, acc) in out.iter_mut().zip(&acc) {
-            for (o, a) in out.iter_mut().zip(acc) {
-                *o = _mm512_reduce_add_ps(*a);
+        fold_avx512(acc)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn dot_row_bf16_avx512<const MR: usize>(
+        w: *const u16,
+        x: *const f32,
+        cols: usize,
+    ) -> [f32; MR] {
+        const U: usize = 2;
+        const BLOCK: usize = 32;
+        let high_half = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
+        // Per x row: [even, odd] accumulators of each of the U blocks in flight.
+        let mut acc = [[_mm512_setzero_ps(); 2 * U]; MR];
+        let mut k = 0;
+        while k + BLOCK * U <= cols {
+            for u in 0..U {
+                let k = k + BLOCK * u;
+                prefetch_ahead(w.wrapping_add(k));
+                // SAFETY (all loads here): the outer k + BLOCK * U <= cols.
+                let packed = _mm512_loadu_si512(w.add(k).cast());
+                let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(packed));
+                let odd = _mm512_castsi512_ps(_mm512_and_si512(packed, high_half));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let xi = x.add(i * cols + k);
+                    acc[2 * u] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xi), acc[2 * u]);
+                    acc[2 * u + 1] =
+                        _mm512_fmadd_ps(odd, _mm512_loadu_ps(xi.add(16)), acc[2 * u + 1]);
+                }
             }
+            k += BLOCK * U;
+        }
+        if k + BLOCK <= cols {
+            // SAFETY (all loads here): k + BLOCK <= cols.
+            let packed = _mm512_loadu_si512(w.add(k).cast());
+            let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(packed));
+            let odd = _mm512_castsi512_ps(_mm512_and_si512(packed, high_half));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let xi = x.add(i * cols + k);
+                acc[0] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xi), acc[0]);
+                acc[1] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xi.add(16)), acc[1]);
+            }
+            k += BLOCK;
+        }
+        while k < cols {
+            let n = (cols - k).min(16);
+            let mask = ((1u32 << n) - 1) as u16;
+            // SAFETY (all loads here): the mask selects only the n <= cols - k elements left.
+            let halves =
+                _mm512_castsi512_si256(_mm512_maskz_loadu_epi16(u32::from(mask), w.add(k).cast()));
+            let wv = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(halves)));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                acc[2] =
+                    _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x.add(i * cols + k)), acc[2]);
+            }
+            k += n;
+        }
+        fold_avx512(acc)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn fold_avx512<const MR: usize>(acc: [[__m512; 4]; MR]) -> [f32; MR] {
+        let mut out = [0.0; MR];
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = _mm512_reduce_add_ps(_mm512_add_ps(
+                _mm512_add_ps(a[0], a[1]),
+                _mm512_add_ps(a[2], a[3]),
+            ));
         }
         out
     }
 
-    /// See `super::dot_tile`.
-    ///
-    /// # Safety
-    /// The CPU has AVX2 and FMA; `w` points at `R * cols` weights and `x` at `MR * cols`
-    /// floats (row-major, row stride `cols`).
+    /// As `dot_row_f32_avx512` with 8 lanes; 16 registers hold 2 × `MR` accumulators.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_tile_avx2<T: Weight, const R: usize, const MR: usize>(
-        w: *const T,
+    pub(super) unsafe fn dot_row_f32_avx2<const MR: usize>(
+        w: *const f32,
         x: *const f32,
         cols: usize,
-    ) -> [[f32; R]; MR] {
-        let mut acc = [[_mm256_setzero_ps(); R]; MR];
-        let mut xv = [_mm256_setzero_ps(); MR];
+    ) -> [f32; MR] {
+        const U: usize = 2;
+        let mut acc = [[_mm256_setzero_ps(); U]; MR];
         let mut k = 0;
-        while k + 8 <= cols {
-            for (i, xv) in xv.iter_mut().enumerate() {
-                // SAFETY: k + 8 <= cols, so the 8 floats are inside x row i.
-                *xv = _mm256_loadu_ps(x.add(i * cols + k));
-            }
-            for r in 0..R {
-                // SAFETY: k + 8 <= cols, inside weight row r.
-                let wv = T::load8(w.add(r * cols + k));
-                for (acc, xv) in acc.iter_mut().zip(&xv) {
-                    acc[r] = _mm256_fmadd_ps(wv, *xv, acc[r]);
+        while k + 8 * U <= cols {
+            prefetch_ahead(w.wrapping_add(k));
+            for u in 0..U {
+                // SAFETY (all loads here): k + 8 * U <= cols.
+                let wv = _mm256_loadu_ps(w.add(k + 8 * u));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    acc[u] =
+                        _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(i * cols + k + 8 * u)), acc[u]);
                 }
+            }
+            k += 8 * U;
+        }
+        while k + 8 <= cols {
+            // SAFETY (all loads here): k + 8 <= cols.
+            let wv = _mm256_loadu_ps(w.add(k));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                acc[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(i * cols + k)), acc[0]);
             }
             k += 8;
         }
         if k < cols {
-            let n = cols - k;
-            let mask = lane_mask8(n);
-            for (i, xv) in xv.iter_mut().enumerate() {
-                // SAFETY: the mask selects only the n floats left in x row i.
-                *xv = _mm256_maskload_ps(x.add(i * cols + k), mask);
-            }
-            for r in 0..R {
-                // SAFETY: n weights are left in row r.
-                let wv = T::load8_partial(w.add(r * cols + k), n);
-                for (acc, xv) in acc.iter_mut().zip(&xv) {
-                    acc[r] = _mm256_fmadd_ps(wv, *xv, acc[r]);
-                }
+            let mask = lane_mask8(cols - k);
+            // SAFETY (all loads here): the mask selects only the cols - k elements left.
+            let wv = _mm256_maskload_ps(w.add(k), mask);
+            for (i, acc) in acc.iter_mut().enumerate() {
+                acc[1] = _mm256_fmadd_ps(wv, _mm256_maskload_ps(x.add(i * cols + k), mask), acc[1]);
             }
         }
-        let mut out = [[0.0; R]; MR];
-        for (out, acc) in out.iter_mut().zip(&acc) {
-            for (o, a) in out.iter_mut().zip(acc) {
-                *o = reduce_add256(*a);
+        fold_avx2(acc)
+    }
+
+    /// As `dot_row_bf16_avx512` with 8 lanes: blocks of 16 bf16, one block in flight.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_row_bf16_avx2<const MR: usize>(
+        w: *const u16,
+        x: *const f32,
+        cols: usize,
+    ) -> [f32; MR] {
+        const BLOCK: usize = 16;
+        let high_half = _mm256_set1_epi32(0xFFFF_0000_u32 as i32);
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        let mut k = 0;
+        while k + BLOCK <= cols {
+            prefetch_ahead(w.wrapping_add(k));
+            // SAFETY (all loads here): k + BLOCK <= cols.
+            let packed = _mm256_loadu_si256(w.add(k).cast());
+            let even = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(packed));
+            let odd = _mm256_castsi256_ps(_mm256_and_si256(packed, high_half));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let xi = x.add(i * cols + k);
+                acc[0] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xi), acc[0]);
+                acc[1] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xi.add(8)), acc[1]);
             }
+            k += BLOCK;
+        }
+        while k < cols {
+            let n = (cols - k).min(8);
+            // SAFETY: n <= cols - k weights are left; the copy reads only those.
+            let mut buf = [0u16; 8];
+            std::ptr::copy_nonoverlapping(w.add(k), buf.as_mut_ptr(), n);
+            let wv = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+                _mm_loadu_si128(buf.as_ptr().cast()),
+            )));
+            let mask = lane_mask8(n);
+            for (i, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: the mask selects only the n elements left in x row i.
+                acc[1] = _mm256_fmadd_ps(wv, _mm256_maskload_ps(x.add(i * cols + k), mask), acc[1]);
+            }
+            k += n;
+        }
+        fold_avx2(acc)
+    }
+
+    /// Lane mask with the first `n` of 8 lanes set, for `maskload`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn lane_mask8(n: usize) -> __m256i {
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn fold_avx2<const MR: usize>(acc: [[__m256; 2]; MR]) -> [f32; MR] {
+        let mut out = [0.0; MR];
+        for (o, a) in out.iter_mut().zip(acc) {
+            let v = _mm256_add_ps(a[0], a[1]);
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            *o = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
         }
         out
     }
@@ -641,14 +787,30 @@ fn gemm_linear(x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>, out: &mut 
     let parallel = threads > 1 && m * rows * cols >= GEMM_PARALLEL_MIN_MACS;
     match &w.data {
         Storage::F32(d) => {
-            let par = if parallel { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+            let par = if parallel {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            };
             // SAFETY: `linear_with` checked x = m×cols, W = rows×cols and out = m×rows, the
             // extents this call reads and writes; `out` is borrowed mutably, so unaliased.
-            unsafe { gemm_x_wt(m, rows, cols, out.as_mut_ptr(), rows, x.as_ptr(), d.as_ptr(), par) };
+            unsafe {
+                gemm_x_wt(
+                    m,
+                    rows,
+                    cols,
+                    out.as_mut_ptr(),
+                    rows,
+                    x.as_ptr(),
+                    d.as_ptr(),
+                    par,
+                )
+            };
         }
         Storage::Bf16(d) => {
             let block_rows = if parallel {
-                rows.div_ceil(2 * threads).next_multiple_of(16).min(PREFILL_BF16_BLOCK_ROWS)
+                let per_block = rows.div_ceil(PREFILL_BF16_BLOCKS_PER_THREAD * threads);
+                per_block.next_multiple_of(16).min(PREFILL_BF16_BLOCK_ROWS)
             } else {
                 PREFILL_BF16_BLOCK_ROWS
             };
@@ -675,10 +837,15 @@ fn gemm_linear(x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>, out: &mut 
                 };
             };
             if parallel {
-                (0..rows).into_par_iter().step_by(block_rows).for_each_init(Vec::new, run);
+                (0..rows)
+                    .into_par_iter()
+                    .step_by(block_rows)
+                    .for_each_init(Vec::new, run);
             } else {
                 let mut scratch = Vec::new();
-                (0..rows).step_by(block_rows).for_each(|r0| run(&mut scratch, r0));
+                (0..rows)
+                    .step_by(block_rows)
+                    .for_each(|r0| run(&mut scratch, r0));
             }
         }
     }
@@ -764,7 +931,16 @@ mod tests {
             .collect()
     }
 
-    const SHAPES: [(usize, usize); 6] = [(1, 1), (3, 17), (37, 129), (250, 768), (16, 64), (9, 23)];
+    const SHAPES: [(usize, usize); 8] = [
+        (1, 1),
+        (3, 17),
+        (37, 129),
+        (250, 768),
+        (16, 64),
+        (9, 23),
+        (5, 47),
+        (4, 100),
+    ];
     const BATCHES: [usize; 7] = [1, 2, 3, 5, 8, 9, 33];
 
     fn levels() -> Vec<SimdLevel> {
@@ -783,8 +959,16 @@ mod tests {
             w.row_to_f32(r, &mut row);
             for i in 0..m {
                 let xi = &x[i * cols..(i + 1) * cols];
-                let exact: f64 = xi.iter().zip(&row).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
-                let scale: f64 = xi.iter().zip(&row).map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs()).sum();
+                let exact: f64 = xi
+                    .iter()
+                    .zip(&row)
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                    .sum();
+                let scale: f64 = xi
+                    .iter()
+                    .zip(&row)
+                    .map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs())
+                    .sum();
                 let expected = exact + bias.map_or(0.0, |b| f64::from(b[r]));
                 let got = f64::from(out[i * rows + r]);
                 let tol = 1e-5 * (scale + expected.abs()) + 1e-6;
@@ -796,7 +980,14 @@ mod tests {
         }
     }
 
-    fn run(level: SimdLevel, kernel: Kernel, x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>) -> Vec<f32> {
+    fn run(
+        level: SimdLevel,
+        kernel: Kernel,
+        x: &[f32],
+        m: usize,
+        w: &Matrix,
+        bias: Option<&[f32]>,
+    ) -> Vec<f32> {
         // NaN so that an output the kernel forgets to write fails the check.
         let mut out = vec![f32::NAN; m * w.rows()];
         linear_with(level, kernel, x, m, w, bias, &mut out);
@@ -841,7 +1032,10 @@ mod tests {
                             let x = values(m * cols, 500 + m as u64);
                             for b in [None, Some(bias.as_slice())] {
                                 let out = run(level, kernel, &x, m, &w, b);
-                                let what = format!("{level:?} {kernel:?} {dtype} {rows}×{cols} m={m} bias={}", b.is_some());
+                                let what = format!(
+                                    "{level:?} {kernel:?} {dtype} {rows}×{cols} m={m} bias={}",
+                                    b.is_some()
+                                );
                                 check(&out, &x, m, &w, b, &what);
                             }
                         }
@@ -871,11 +1065,17 @@ mod tests {
                 let outs: Vec<Vec<f32>> = [1, 2, 3]
                     .into_iter()
                     .map(|threads| {
-                        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                        let pool = rayon::ThreadPoolBuilder::new()
+                            .num_threads(threads)
+                            .build()
+                            .unwrap();
                         pool.install(|| run(level, Kernel::Gemv, &x, m, &w, Some(&bias)))
                     })
                     .collect();
-                assert!(outs.iter().all(|o| o == &outs[0]), "{level:?} {dtype}: outputs differ by thread count");
+                assert!(
+                    outs.iter().all(|o| o == &outs[0]),
+                    "{level:?} {dtype}: outputs differ by thread count"
+                );
             }
         }
     }
@@ -889,8 +1089,19 @@ mod tests {
             for level in levels() {
                 let batch = run(level, Kernel::Gemv, &x, m, &w, None);
                 for i in 0..m {
-                    let single = run(level, Kernel::Gemv, &x[i * cols..(i + 1) * cols], 1, &w, None);
-                    assert_eq!(&batch[i * rows..(i + 1) * rows], single.as_slice(), "{level:?} {dtype} row {i}");
+                    let single = run(
+                        level,
+                        Kernel::Gemv,
+                        &x[i * cols..(i + 1) * cols],
+                        1,
+                        &w,
+                        None,
+                    );
+                    assert_eq!(
+                        &batch[i * rows..(i + 1) * rows],
+                        single.as_slice(),
+                        "{level:?} {dtype} row {i}"
+                    );
                 }
             }
         }
@@ -908,16 +1119,26 @@ mod tests {
             (0x7F7F_FFFF, 0x7F80), // f32::MAX rounds to +inf
             (0x0000_8000, 0x0000), // subnormal tie, even
         ];
-        let data: Vec<f32> = cases.iter().map(|&(bits, _)| f32::from_bits(bits)).collect();
+        let data: Vec<f32> = cases
+            .iter()
+            .map(|&(bits, _)| f32::from_bits(bits))
+            .collect();
         let w = Matrix::new(1, cases.len(), data, WeightDtype::Bf16);
         let mut row = vec![0.0; cases.len()];
         w.row_to_f32(0, &mut row);
         for (&(bits, want), got) in cases.iter().zip(&row) {
-            assert_eq!(got.to_bits() >> 16, u32::from(want), "f32 bits {bits:#010x}");
+            assert_eq!(
+                got.to_bits() >> 16,
+                u32::from(want),
+                "f32 bits {bits:#010x}"
+            );
         }
 
         // A sweep against half's converter and an independent bit formula.
-        let data = values(4096, 6).into_iter().map(|v| v * 1e3).collect::<Vec<_>>();
+        let data = values(4096, 6)
+            .into_iter()
+            .map(|v| v * 1e3)
+            .collect::<Vec<_>>();
         let w = Matrix::new(1, data.len(), data.clone(), WeightDtype::Bf16);
         let mut row = vec![0.0; data.len()];
         w.row_to_f32(0, &mut row);
@@ -939,16 +1160,25 @@ mod tests {
 
         let w = Matrix::new(3, 17, data.clone(), WeightDtype::Bf16);
         w.row_to_f32(1, &mut row);
-        let want: Vec<f32> = data[17..34].iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+        let want: Vec<f32> = data[17..34]
+            .iter()
+            .map(|&v| bf16::from_f32(v).to_f32())
+            .collect();
         assert_eq!(row, want);
     }
 
     #[test]
     fn size_bytes_follows_the_storage_dtype() {
         let w = Matrix::new(3, 17, values(51, 8), WeightDtype::F32);
-        assert_eq!((w.rows(), w.cols(), w.dtype(), w.size_bytes()), (3, 17, WeightDtype::F32, 204));
+        assert_eq!(
+            (w.rows(), w.cols(), w.dtype(), w.size_bytes()),
+            (3, 17, WeightDtype::F32, 204)
+        );
         let w = Matrix::new(3, 17, values(51, 8), WeightDtype::Bf16);
-        assert_eq!((w.rows(), w.cols(), w.dtype(), w.size_bytes()), (3, 17, WeightDtype::Bf16, 102));
+        assert_eq!(
+            (w.rows(), w.cols(), w.dtype(), w.size_bytes()),
+            (3, 17, WeightDtype::Bf16, 102)
+        );
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! The CPU backend: f32 compute, f32 or bf16 weights, SIMD kernels chosen at run time,
 //! parallel over the current rayon pool (sized by `--threads`).
-#[path = "matmul_tmp.rs"]
 pub mod matmul;
+pub mod membw;
 mod ops;
+
+use std::sync::Arc;
 
 use crate::backend::{Backend, KvSpec, SeqSpan};
 use crate::collective::Collective;
@@ -37,9 +39,35 @@ pub struct CpuKvCache {
     v: Vec<Vec<f32>>,
 }
 
-/// The CPU backend. Stateless: threads come from the caller's rayon pool.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct CpuBackend;
+/// The CPU backend: kernels split their work over the backend's own thread pool.
+///
+/// Each shard gets its own pool, so shards of one process never wait on each other's
+/// threads (a shard blocked in a collective holds only its own pool).
+#[derive(Debug, Clone)]
+pub struct CpuBackend {
+    pool: Arc<rayon::ThreadPool>,
+}
+
+impl CpuBackend {
+    /// A backend with a pool of `threads` threads.
+    pub fn new(threads: usize) -> Result<Self> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("cpu-kernel-{i}"))
+            .build()
+            .map_err(|e| {
+                RuntimeError::Backend(format!("cannot start {threads} kernel threads: {e}"))
+            })?;
+        Ok(CpuBackend {
+            pool: Arc::new(pool),
+        })
+    }
+
+    /// Threads in the pool.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+}
 
 fn check_same(what: &'static str, a: (usize, usize), b: (usize, usize)) -> Result<()> {
     if a == b {
@@ -58,6 +86,10 @@ impl Backend for CpuBackend {
 
     fn name(&self) -> &'static str {
         "cpu"
+    }
+
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CpuTensor> {
