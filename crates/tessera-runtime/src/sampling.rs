@@ -95,9 +95,13 @@ pub fn gumbel(seed: u64, position: usize, id: u32) -> f64 {
     -(-u.ln()).ln()
 }
 
-/// The rank-local processing: repetition penalty, then temperature.
-fn processed(row: &SampleRow, first_id: usize) -> Vec<f32> {
+/// The rank-local processing: repetition penalty, then temperature. Borrows the raw
+/// logits when there is nothing to do (greedy without a penalty).
+fn processed<'a>(row: &SampleRow<'a>, first_id: usize) -> std::borrow::Cow<'a, [f32]> {
     let p = &row.spec.params;
+    if p.repetition_penalty == 1.0 && p.is_greedy() {
+        return std::borrow::Cow::Borrowed(row.logits);
+    }
     let mut z = row.logits.to_vec();
     if p.repetition_penalty != 1.0 {
         for &id in &row.spec.penalty_ids {
@@ -116,7 +120,7 @@ fn processed(row: &SampleRow, first_id: usize) -> Vec<f32> {
         let t = p.temperature;
         z.iter_mut().for_each(|v| *v /= t);
     }
-    z
+    std::borrow::Cow::Owned(z)
 }
 
 fn max_sumexp(v: &[f32]) -> (f32, f32) {
@@ -134,7 +138,11 @@ fn better(a: (f32, u32), b: (f32, u32)) -> std::cmp::Ordering {
 fn local_record(row: &SampleRow, m: Mode, first_id: usize, out: &mut Vec<f32>) {
     let z = processed(row, first_id);
     let (raw_max, raw_sum) = max_sumexp(row.logits);
-    let (z_max, z_sum) = max_sumexp(&z);
+    // The scaled normaliser is only read by top-p without top-k.
+    let (z_max, z_sum) = match m {
+        Mode::Filtered { .. } if row.spec.params.top_k == 0 => max_sumexp(&z),
+        _ => (0.0, 0.0),
+    };
     let ids = (first_id as u32)..(first_id + z.len()) as u32;
     let mut cands: Vec<(f32, u32)> = match m {
         Mode::Greedy => {
@@ -507,6 +515,6 @@ mod tests {
         };
         let r = sample_distributed(&[row], 0..3, &mut comm).unwrap()[0];
         assert_eq!(r.token_id, 1);
-        assert_eq!(processed(&row, 0), vec![1.0, 1.5, -2.0]);
+        assert_eq!(processed(&row, 0).to_vec(), vec![1.0, 1.5, -2.0]);
     }
 }
