@@ -123,9 +123,47 @@ fn processed<'a>(row: &SampleRow<'a>, first_id: usize) -> std::borrow::Cow<'a, [
     std::borrow::Cow::Owned(z)
 }
 
+/// Largest value, in sixteen independent lanes so the compiler vectorises it. NaNs are
+/// skipped; an empty or all-NaN slice gives -inf.
+fn max_of(v: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = v.chunks_exact(16);
+    let mut m = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    for c in chunks {
+        for i in 0..16 {
+            if c[i] > lanes[i] {
+                lanes[i] = c[i];
+            }
+        }
+    }
+    for l in lanes {
+        if l > m {
+            m = l;
+        }
+    }
+    m
+}
+
+/// Index and value of the first maximum.
+fn argmax(v: &[f32]) -> (usize, f32) {
+    let m = max_of(v);
+    (v.iter().position(|&x| x == m).unwrap_or(0), m)
+}
+
+/// Max and sum of `exp(v - max)`, split over the current pool for a vocabulary slice.
 fn max_sumexp(v: &[f32]) -> (f32, f32) {
-    let m = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let s = v.iter().map(|x| (x - m).exp()).sum();
+    use rayon::prelude::*;
+    let m = v
+        .par_chunks(8192)
+        .map(max_of)
+        .reduce(|| f32::NEG_INFINITY, f32::max);
+    let s = v
+        .par_chunks(8192)
+        .map(|c| c.iter().map(|x| (x - m).exp()).sum::<f32>())
+        .sum();
     (m, s)
 }
 
@@ -146,8 +184,8 @@ fn local_record(row: &SampleRow, m: Mode, first_id: usize, out: &mut Vec<f32>) {
     let ids = (first_id as u32)..(first_id + z.len()) as u32;
     let mut cands: Vec<(f32, u32)> = match m {
         Mode::Greedy => {
-            let best = z.iter().cloned().zip(ids).min_by(|a, b| better(*a, *b));
-            best.into_iter().collect()
+            let (i, v) = argmax(&z);
+            vec![(v, first_id as u32 + i as u32)]
         }
         Mode::Full => {
             let p = &row.spec.params;
@@ -363,6 +401,16 @@ mod tests {
         (0..n)
             .map(|i| (gumbel(seed, 0, i as u32) * 1.5) as f32)
             .collect()
+    }
+
+    #[test]
+    fn argmax_takes_the_first_maximum_and_skips_nans() {
+        let mut v: Vec<f32> = (0..100).map(|i| (i % 13) as f32).collect();
+        assert_eq!(argmax(&v), (12, 12.0));
+        v[3] = f32::NAN;
+        v[77] = 50.0;
+        assert_eq!(argmax(&v), (77, 50.0));
+        assert_eq!(max_of(&[]), f32::NEG_INFINITY);
     }
 
     #[test]
