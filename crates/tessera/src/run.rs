@@ -19,7 +19,7 @@ pub struct RunArgs {
     /// Pipeline stages: at most the number of layers.
     #[arg(long, default_value_t = 1)]
     pub pp: usize,
-    /// Prompt text, tokenized with the GPT-2 BPE.
+    /// Prompt text, tokenized with the checkpoint's tokenizer.json, else the GPT-2 BPE.
     #[arg(
         long,
         conflicts_with = "prompt_ids",
@@ -40,7 +40,7 @@ pub struct RunArgs {
     /// Storage dtype of the weights: f32 or bf16 (compute is f32).
     #[arg(long, default_value = "f32")]
     pub dtype: WeightDtype,
-    /// Threads for the kernels (default: every core).
+    /// Kernel threads in all, split evenly over the tp × pp shards (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
     /// Tokens per KV-cache block.
