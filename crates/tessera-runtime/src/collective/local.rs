@@ -1,10 +1,58 @@
 //! The `local` collective: ranks are threads of one process.
 
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use super::{ring_order_sum, Collective};
 use crate::error::{Result, RuntimeError};
+
+/// A reusable barrier that fails, instead of waiting forever, once any rank has gone
+/// (its thread returned or panicked and dropped its `LocalComm`).
+struct Barrier {
+    n: usize,
+    state: Mutex<BarrierState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct BarrierState {
+    arrived: usize,
+    generation: u64,
+    broken: bool,
+}
+
+impl Barrier {
+    fn wait(&self) -> Result<()> {
+        let gone = || RuntimeError::Collective("a peer of the group has gone".into());
+        let mut st = self.state.lock().map_err(poisoned)?;
+        if st.broken {
+            return Err(gone());
+        }
+        let generation = st.generation;
+        st.arrived += 1;
+        if st.arrived == self.n {
+            st.arrived = 0;
+            st.generation += 1;
+            self.wake.notify_all();
+            return Ok(());
+        }
+        while st.generation == generation && !st.broken {
+            st = self.wake.wait(st).map_err(poisoned)?;
+        }
+        if st.generation == generation {
+            Err(gone())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn break_it(&self) {
+        if let Ok(mut st) = self.state.lock() {
+            st.broken = true;
+        }
+        self.wake.notify_all();
+    }
+}
 
 struct Shared {
     barrier: Barrier,
@@ -24,7 +72,11 @@ pub struct LocalComm {
 pub fn local_group(n: usize) -> Vec<LocalComm> {
     assert!(n > 0, "a group has at least one rank");
     let shared = Arc::new(Shared {
-        barrier: Barrier::new(n),
+        barrier: Barrier {
+            n,
+            state: Mutex::new(BarrierState::default()),
+            wake: Condvar::new(),
+        },
         slots: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
     });
     // channel[src][dst]
@@ -65,6 +117,13 @@ impl LocalComm {
     }
 }
 
+impl Drop for LocalComm {
+    /// A rank that goes away breaks the barrier, so its peers fail instead of hanging.
+    fn drop(&mut self) {
+        self.shared.barrier.break_it();
+    }
+}
+
 impl Collective for LocalComm {
     fn rank(&self) -> usize {
         self.rank
@@ -79,7 +138,7 @@ impl Collective for LocalComm {
             return Ok(());
         }
         self.publish(buf)?;
-        self.shared.barrier.wait();
+        self.shared.barrier.wait()?;
         {
             let guards = self
                 .shared
@@ -96,7 +155,7 @@ impl Collective for LocalComm {
             ring_order_sum(&parts, buf);
         }
         // Nobody may overwrite a slot before every rank has read all of them.
-        self.shared.barrier.wait();
+        self.shared.barrier.wait()?;
         Ok(())
     }
 
@@ -105,7 +164,7 @@ impl Collective for LocalComm {
             return Ok(local.to_vec());
         }
         self.publish(local)?;
-        self.shared.barrier.wait();
+        self.shared.barrier.wait()?;
         let mut out = Vec::with_capacity(local.len() * self.world_size());
         for slot in &self.shared.slots {
             let g = slot.lock().map_err(poisoned)?;
@@ -116,7 +175,7 @@ impl Collective for LocalComm {
             }
             out.extend_from_slice(&g);
         }
-        self.shared.barrier.wait();
+        self.shared.barrier.wait()?;
         Ok(out)
     }
 
@@ -149,7 +208,7 @@ impl Collective for LocalComm {
     }
 
     fn barrier(&mut self) -> Result<()> {
-        self.shared.barrier.wait();
+        self.shared.barrier.wait()?;
         Ok(())
     }
 }
@@ -199,6 +258,27 @@ mod tests {
             for (a, b) in expected.iter().zip(&naive) {
                 assert!((a - b).abs() <= 1e-3 * b.abs().max(1.0));
             }
+        }
+    }
+
+    #[test]
+    fn a_rank_that_goes_away_fails_its_peers_instead_of_hanging() {
+        let mut comms = local_group(3);
+        let gone = comms.pop().unwrap();
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|mut c| {
+                std::thread::spawn(move || {
+                    let mut buf = [1.0f32; 4];
+                    c.all_reduce_sum(&mut buf)
+                })
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        drop(gone);
+        for h in handles {
+            let e = h.join().unwrap().unwrap_err().to_string();
+            assert!(e.contains("gone"), "{e}");
         }
     }
 
