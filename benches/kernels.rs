@@ -184,16 +184,9 @@ fn read_bandwidth(c: &mut Criterion) {
     group.finish();
 }
 
+/// The portable reader, compiled for the baseline target.
 fn sum_plain(values: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 16];
-    let chunks = values.chunks_exact(16);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for chunk in chunks {
-        for (a, v) in acc.iter_mut().zip(chunk) {
-            *a += v;
-        }
-    }
-    acc.iter().sum::<f32>() + tail
+    tessera_runtime::cpu::membw::sum_portable(values)
 }
 
 /// The strict reader `tessera bench decode` measures its floor with.
