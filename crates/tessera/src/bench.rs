@@ -217,7 +217,7 @@ pub fn bench(cmd: BenchCommand) -> Result<()> {
                 args.tokens, args.rounds
             );
             println!(
-                "{:<16} {:>5} {:>10} {:>9} {:>12} {:>10} {:>11} {:>8}",
+                "{:<22} {:>5} {:>10} {:>9} {:>12} {:>10} {:>11} {:>8}",
                 "engine",
                 "dtype",
                 "tokens/s",
@@ -232,7 +232,7 @@ pub fn bench(cmd: BenchCommand) -> Result<()> {
                     v.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "-".into())
                 };
                 println!(
-                    "{:<16} {:>5} {:>10.2} {:>9.2} {:>12} {:>10} {:>11} {:>8}",
+                    "{:<22} {:>5} {:>10.2} {:>9.2} {:>12} {:>10} {:>11} {:>8}",
                     r.engine,
                     r.dtype,
                     r.decode_tokens_per_s,
