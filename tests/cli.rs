@@ -33,6 +33,13 @@ fn fails_with(args: &[&str], needles: &[&str]) {
     }
 }
 
+/// `tessera run --model DIR --prompt-ids IDS [extra…]` fails with every needle.
+fn run_fails_with(dir: &std::path::Path, ids: &str, extra: &[&str], needles: &[&str]) {
+    let mut args = vec!["run", "--model", dir.to_str().unwrap(), "--prompt-ids", ids];
+    args.extend_from_slice(extra);
+    fails_with(&args, needles);
+}
+
 #[test]
 fn run_json_is_one_object_on_the_last_line() {
     let dir = fixture("tiny-gpt2");
@@ -94,8 +101,10 @@ fn run_prints_text_from_a_text_prompt() {
 
 #[test]
 fn missing_checkpoint_is_named() {
-    fails_with(
-        &["run", "--model", "/nonexistent/model", "--prompt-ids", "1"],
+    run_fails_with(
+        std::path::Path::new("/nonexistent/model"),
+        "1",
+        &[],
         &["/nonexistent/model"],
     );
 }
@@ -111,27 +120,14 @@ fn corrupt_checkpoint_is_reported() {
         &bytes[..bytes.len() / 3],
     )
     .unwrap();
-    fails_with(
-        &[
-            "run",
-            "--model",
-            tmp.path().to_str().unwrap(),
-            "--prompt-ids",
-            "1",
-        ],
+    run_fails_with(
+        tmp.path(),
+        "1",
+        &[],
         &["corrupt checkpoint", "model.safetensors"],
     );
     std::fs::write(tmp.path().join("config.json"), "{ not json").unwrap();
-    fails_with(
-        &[
-            "run",
-            "--model",
-            tmp.path().to_str().unwrap(),
-            "--prompt-ids",
-            "1",
-        ],
-        &["config.json"],
-    );
+    run_fails_with(tmp.path(), "1", &[], &["config.json"]);
 }
 
 #[test]
@@ -147,14 +143,10 @@ fn tensor_of_the_wrong_shape_is_named() {
         .unwrap()
         .replace("\"n_inner\": null", "\"n_inner\": 192");
     std::fs::write(tmp.path().join("config.json"), config).unwrap();
-    fails_with(
-        &[
-            "run",
-            "--model",
-            tmp.path().to_str().unwrap(),
-            "--prompt-ids",
-            "1",
-        ],
+    run_fails_with(
+        tmp.path(),
+        "1",
+        &[],
         &["h.0.mlp.c_fc.weight", "[96, 384]", "[96, 192]"],
     );
 }
@@ -162,61 +154,21 @@ fn tensor_of_the_wrong_shape_is_named() {
 #[test]
 fn token_id_beyond_the_vocabulary_is_refused() {
     let dir = fixture("tiny-gpt2");
-    fails_with(
-        &[
-            "run",
-            "--model",
-            dir.to_str().unwrap(),
-            "--prompt-ids",
-            "1,1000",
-        ],
-        &["1000", "vocabulary size 1000"],
-    );
+    run_fails_with(&dir, "1,1000", &[], &["1000", "vocabulary size 1000"]);
 }
 
 #[test]
 fn prompt_longer_than_the_context_is_refused() {
     let dir = fixture("tiny-gpt2");
     let ids = vec!["5"; 65].join(",");
-    fails_with(
-        &[
-            "run",
-            "--model",
-            dir.to_str().unwrap(),
-            "--prompt-ids",
-            &ids,
-        ],
-        &["65 tokens", "context", "64"],
-    );
+    run_fails_with(&dir, &ids, &[], &["65 tokens", "context", "64"]);
 }
 
 #[test]
 fn impossible_splits_name_the_numbers() {
     let dir = fixture("tiny-gpt2");
-    fails_with(
-        &[
-            "run",
-            "--model",
-            dir.to_str().unwrap(),
-            "--prompt-ids",
-            "1",
-            "--tp",
-            "5",
-        ],
-        &["tp=5", "12 attention heads"],
-    );
-    fails_with(
-        &[
-            "run",
-            "--model",
-            dir.to_str().unwrap(),
-            "--prompt-ids",
-            "1",
-            "--pp",
-            "7",
-        ],
-        &["pp=7", "6 layers"],
-    );
+    run_fails_with(&dir, "1", &["--tp", "5"], &["tp=5", "12 attention heads"]);
+    run_fails_with(&dir, "1", &["--pp", "7"], &["pp=7", "6 layers"]);
     fails_with(
         &["model", "info", "gpt3-175b", "--tp", "7"],
         &["tp=7", "96 attention heads"],

@@ -12,6 +12,6 @@ pub use checkpoint::Checkpoint;
 pub use config::{ModelConfig, Preset, GPT2_EOS, GPT2_VOCAB, PRESETS};
 pub use error::{ModelError, Result};
 pub use plan::{even_ranges, ShardPlan, ShardSpec};
-pub use synth::SyntheticWeights;
+pub use synth::{splitmix64, SyntheticWeights};
 pub use tokenizer::Tokenizer;
 pub use weights::{check_source, expected_tensors, WeightSource};

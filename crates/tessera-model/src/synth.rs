@@ -22,7 +22,9 @@ pub struct SyntheticWeights {
     seed: u64,
 }
 
-fn splitmix64(mut z: u64) -> u64 {
+/// SplitMix64: a fast, well-mixed 64-bit hash. Synthetic weights and the sampler's noise
+/// both key their values with it, so neither depends on an RNG's call order.
+pub fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

@@ -12,6 +12,8 @@
 
 use std::ops::Range;
 
+use tessera_model::splitmix64;
+
 use crate::collective::Collective;
 use crate::error::{Result, RuntimeError};
 use crate::step::{SampleSpec, SamplingParams};
@@ -78,13 +80,6 @@ fn record_len(m: Mode) -> usize {
                 Mode::Greedy | Mode::Full => 1,
                 Mode::Filtered { c } => c,
             }
-}
-
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// Standard Gumbel noise for token `id` at `position` under `seed`.
