@@ -42,6 +42,7 @@ pub fn open(dir: &Path) -> (ModelConfig, Arc<dyn WeightSource>) {
     (ckpt.config().clone(), Arc::new(ckpt))
 }
 
+/// An engine whose KV cache holds one full context, in blocks of 8 tokens.
 pub fn engine(
     config: &ModelConfig,
     source: Arc<dyn WeightSource>,
@@ -49,12 +50,30 @@ pub fn engine(
     pp: usize,
     dtype: WeightDtype,
 ) -> LocalEngine {
+    engine_with_blocks(
+        config,
+        source,
+        tp,
+        pp,
+        dtype,
+        config.n_positions.div_ceil(8),
+    )
+}
+
+/// An engine with `kv_blocks` KV blocks of 8 tokens.
+pub fn engine_with_blocks(
+    config: &ModelConfig,
+    source: Arc<dyn WeightSource>,
+    tp: usize,
+    pp: usize,
+    dtype: WeightDtype,
+    kv_blocks: usize,
+) -> LocalEngine {
     let plan = ShardPlan::new(config, tp, pp).expect("valid split");
-    let block_size = 8;
     let options = ShardOptions {
         dtype,
-        kv_blocks: config.n_positions.div_ceil(block_size),
-        block_size,
+        kv_blocks,
+        block_size: 8,
     };
     LocalEngine::start(|_| CpuBackend::new(1), config, plan, source, options)
         .expect("engine starts")

@@ -216,3 +216,117 @@ fn synthetic_checkpoints_match_transformers() {
     check_synth_fixture("gpt2-tiny");
     check_synth_fixture("gpt2");
 }
+
+/// Several sequences in one step — prefills of different lengths together, then decodes
+/// together, each in its own KV blocks — give each sequence the tokens and logits it gets
+/// alone. This is the contract continuous batching stands on.
+#[test]
+fn batched_sequences_match_each_run_alone() {
+    use tessera_runtime::{SampleSpec, SeqStep, StepRequest};
+    let (config, source) = open(&fixture("tiny-gpt2"));
+    let cases = expected("tiny-gpt2").cases;
+    for (tp, pp) in [(1, 1), (3, 2)] {
+        let e = engine_with_blocks(&config, source.clone(), tp, pp, WeightDtype::F32, 32);
+        let block = e.kv_spec().block_size;
+        let steps = 6;
+        let mut next_block = 0u32;
+        let mut seqs: Vec<(usize, Vec<u32>, Vec<u32>)> = Vec::new(); // (case, tokens to feed, blocks)
+        for (i, c) in cases.iter().enumerate().take(3) {
+            let blocks = (c.prompt_ids.len() + steps).div_ceil(block) as u32;
+            seqs.push((
+                i,
+                c.prompt_ids.clone(),
+                (next_block..next_block + blocks).collect(),
+            ));
+            next_block += blocks;
+        }
+        assert!(
+            next_block as usize <= e.kv_spec().num_blocks,
+            "the test's blocks fit the cache"
+        );
+        let mut start = vec![0usize; seqs.len()];
+        let mut got: Vec<Vec<u32>> = vec![Vec::new(); seqs.len()];
+        let mut logits: Vec<Vec<Vec<f32>>> = vec![Vec::new(); seqs.len()];
+        for _ in 0..steps {
+            let req = StepRequest {
+                seqs: seqs
+                    .iter()
+                    .zip(&start)
+                    .map(|((i, tokens, blocks), &start_pos)| SeqStep {
+                        seq_id: *i as u64,
+                        tokens: tokens.clone(),
+                        start_pos,
+                        block_table: blocks.clone(),
+                        sample: Some(SampleSpec {
+                            params: SamplingParams::default(),
+                            penalty_ids: vec![],
+                            return_logits: true,
+                        }),
+                    })
+                    .collect(),
+            };
+            let out = e.step(req).unwrap();
+            for (k, r) in out.results.into_iter().enumerate() {
+                assert_eq!(
+                    r.seq_id, seqs[k].0 as u64,
+                    "results come back in request order"
+                );
+                start[k] += seqs[k].1.len();
+                seqs[k].1 = vec![r.token_id];
+                got[k].push(r.token_id);
+                logits[k].push(r.logits.unwrap());
+            }
+        }
+        for (k, (i, _, _)) in seqs.iter().enumerate() {
+            let want = &cases[*i];
+            assert_eq!(
+                got[k],
+                want.greedy_token_ids[..steps],
+                "tp={tp} pp={pp} {}",
+                want.name
+            );
+            for (a, b) in logits[k].iter().zip(&want.step_logits) {
+                let d = max_abs_diff(a, b);
+                assert!(
+                    d <= LOGIT_TOL,
+                    "tp={tp} pp={pp} {}: max |Δlogit| = {d}",
+                    want.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_bad_step_is_refused_and_changes_nothing() {
+    use tessera_runtime::{SeqStep, StepRequest};
+    let (config, source) = open(&fixture("tiny-gpt2"));
+    let e = engine(&config, source, 2, 2, WeightDtype::F32);
+    let bad = |tokens: Vec<u32>, start_pos: usize, block_table: Vec<u32>| StepRequest {
+        seqs: vec![SeqStep {
+            seq_id: 1,
+            tokens,
+            start_pos,
+            block_table,
+            sample: None,
+        }],
+    };
+    let n = e.kv_spec().num_blocks as u32;
+    for (req, needle) in [
+        (bad(vec![1000], 0, vec![0]), "vocabulary"),
+        (bad(vec![1; 3], 62, vec![0; 8]), "context"),
+        (bad(vec![1; 20], 0, vec![0]), "block_table"),
+        (bad(vec![1], 0, vec![n]), "block"),
+        (bad(vec![], 0, vec![0]), "no new tokens"),
+        (StepRequest::default(), "at least one sequence"),
+    ] {
+        let e2 = e.step(req).unwrap_err().to_string();
+        assert!(e2.contains(needle), "{e2}");
+    }
+    // The engine still serves, with the transformers tokens.
+    let case = &expected("tiny-gpt2").cases[0];
+    assert_eq!(
+        greedy(&e, &case.prompt_ids, 8, false).token_ids,
+        case.greedy_token_ids
+    );
+}
