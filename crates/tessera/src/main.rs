@@ -28,6 +28,14 @@ enum Command {
 }
 
 fn main() {
+    // A CLI whose output is piped into `head` should end quietly when the pipe closes,
+    // as other Unix tools do, rather than panic on the failed write.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts; no
+    // handler runs, so there is nothing to be async-signal-safe about.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
