@@ -227,7 +227,7 @@ fn batched_sequences_match_each_run_alone() {
     let cases = expected("tiny-gpt2").cases;
     for (tp, pp) in [(1, 1), (3, 2)] {
         let e = engine_with_blocks(&config, source.clone(), tp, pp, WeightDtype::F32, 32);
-        let block = e.kv_spec().block_size;
+        let block = e.options().block_size;
         let steps = 6;
         let mut next_block = 0u32;
         let mut seqs: Vec<(usize, Vec<u32>, Vec<u32>)> = Vec::new(); // (case, tokens to feed, blocks)
@@ -241,7 +241,7 @@ fn batched_sequences_match_each_run_alone() {
             next_block += blocks;
         }
         assert!(
-            next_block as usize <= e.kv_spec().num_blocks,
+            next_block as usize <= e.options().kv_blocks,
             "the test's blocks fit the cache"
         );
         let mut start = vec![0usize; seqs.len()];
@@ -311,7 +311,7 @@ fn a_bad_step_is_refused_and_changes_nothing() {
             sample: None,
         }],
     };
-    let n = e.kv_spec().num_blocks as u32;
+    let n = e.options().kv_blocks as u32;
     for (req, needle) in [
         (bad(vec![1000], 0, vec![0]), "vocabulary"),
         (bad(vec![1; 3], 62, vec![0; 8]), "context"),

@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 
 use tessera_model::{ModelConfig, ShardPlan, ShardSpec, WeightSource};
 
-use crate::backend::{Backend, KvSpec};
+use crate::backend::Backend;
 use crate::collective::{local_group, Collective};
 use crate::error::{Result, RuntimeError};
 use crate::shard::{Shard, ShardComms, ShardOptions};
@@ -25,7 +25,6 @@ pub struct LocalEngine {
     config: ModelConfig,
     plan: ShardPlan,
     options: ShardOptions,
-    kv_spec: KvSpec,
     weight_bytes: Vec<usize>,
     workers: Vec<Worker>,
 }
@@ -82,7 +81,7 @@ impl LocalEngine {
                     });
                     let mut shard = match loaded {
                         Ok(s) => {
-                            let _ = ready_tx.send(Ok((s.kv_spec(), s.weight_bytes())));
+                            let _ = ready_tx.send(Ok(s.weight_bytes()));
                             s
                         }
                         Err(e) => {
@@ -107,15 +106,11 @@ impl LocalEngine {
         }
         workers.reverse();
         ready.reverse();
-        let mut kv_spec = None;
         let mut weight_bytes = Vec::new();
         let mut first_error = None;
         for r in ready {
             match r.recv() {
-                Ok(Ok((kv, bytes))) => {
-                    kv_spec.get_or_insert(kv);
-                    weight_bytes.push(bytes);
-                }
+                Ok(Ok(bytes)) => weight_bytes.push(bytes),
                 Ok(Err(e)) => {
                     first_error.get_or_insert(e);
                 }
@@ -126,22 +121,15 @@ impl LocalEngine {
                 }
             }
         }
-        let mut engine = LocalEngine {
+        let engine = LocalEngine {
             config: config.clone(),
             plan,
             options,
-            kv_spec: kv_spec.unwrap_or(KvSpec {
-                layers: 0,
-                num_blocks: 0,
-                block_size: 1,
-                heads: 0,
-                head_dim: 0,
-            }),
             weight_bytes,
             workers,
         };
         if let Some(e) = first_error {
-            engine.shutdown();
+            // Dropping the engine stops and joins the shards that did load.
             return Err(e);
         }
         Ok(engine)
@@ -160,11 +148,6 @@ impl LocalEngine {
     /// Storage options of the shards.
     pub fn options(&self) -> ShardOptions {
         self.options
-    }
-
-    /// KV cache geometry of one worker of stage 0.
-    pub fn kv_spec(&self) -> KvSpec {
-        self.kv_spec
     }
 
     /// Weight-matrix bytes held by each worker, in plan order.

@@ -106,15 +106,15 @@ impl LocalEngine {
                 decode_ms: 0.0,
             });
         }
-        let kv = self.kv_spec();
+        let kv = self.options();
         // The last generated token is never fed back, so it needs no slot.
         let slots = req.prompt_ids.len() + max_new - 1;
         let blocks = slots.div_ceil(kv.block_size);
-        if blocks > kv.num_blocks {
+        if blocks > kv.kv_blocks {
             return Err(RuntimeError::KvExhausted {
                 reason: format!(
                     "{slots} tokens need {blocks} blocks of {}; the cache has {}",
-                    kv.block_size, kv.num_blocks
+                    kv.block_size, kv.kv_blocks
                 ),
             });
         }
