@@ -12,7 +12,9 @@ pub mod shard;
 pub mod step;
 
 pub use backend::{Backend, KvSpec, SeqSpan};
-pub use collective::{local_group, Collective, LocalComm};
+pub use collective::{
+    local_group, Collective, LocalComm, TcpComm, TcpGroupSpec, TcpListenerHandle,
+};
 pub use cpu::CpuBackend;
 pub use dtype::WeightDtype;
 pub use engine::LocalEngine;

@@ -6,8 +6,10 @@
 //! ranks in ring order, ending with rank `c`.
 
 mod local;
+mod tcp;
 
 pub use local::{local_group, LocalComm};
+pub use tcp::{TcpComm, TcpGroupSpec, TcpListenerHandle};
 
 use crate::error::Result;
 

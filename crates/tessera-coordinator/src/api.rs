@@ -1,0 +1,430 @@
+//! The public `tessera.v1.Generation` service: validation, tokenization, and the bridge
+//! between a client's call and its sequence in the scheduler.
+
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+
+use futures::Stream;
+use tessera_model::{ModelConfig, Tokenizer};
+use tessera_proto::v1::generation_server::Generation;
+use tessera_proto::v1::{
+    GenerateRequest, GenerateResponse, GenerateStreamResponse, ModelInfoRequest, ModelInfoResponse,
+    TokenizeRequest, TokenizeResponse,
+};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use crate::config::defaults;
+use crate::error::CoordinatorError;
+use crate::scheduler::{GenerationParams, SchedulerHandle};
+use crate::state::StateRx;
+
+/// New tokens when a request does not say.
+pub const DEFAULT_MAX_TOKENS: usize = 16;
+
+/// The public API over a scheduler that exists once bring-up is done.
+#[derive(Clone)]
+pub struct GenerationService {
+    config: Arc<ModelConfig>,
+    tokenizer: Arc<Tokenizer>,
+    scheduler: Arc<OnceLock<SchedulerHandle>>,
+    info: Arc<OnceLock<ModelInfoResponse>>,
+    state: StateRx,
+}
+
+impl GenerationService {
+    /// The service for `config`; requests are refused until [`GenerationService::serve`]
+    /// hands it the scheduler.
+    pub fn new(config: Arc<ModelConfig>, tokenizer: Arc<Tokenizer>, state: StateRx) -> Self {
+        GenerationService {
+            config,
+            tokenizer,
+            scheduler: Arc::new(OnceLock::new()),
+            info: Arc::new(OnceLock::new()),
+            state,
+        }
+    }
+
+    /// Starts serving with `scheduler`; `info` is what `ModelInfo` answers.
+    pub fn serve(&self, scheduler: SchedulerHandle, info: ModelInfoResponse) {
+        let _ = self.info.set(info);
+        let _ = self.scheduler.set(scheduler);
+    }
+
+    fn scheduler(&self) -> Result<&SchedulerHandle, CoordinatorError> {
+        if let Some(e) = self.state.borrow().refusal() {
+            return Err(e);
+        }
+        self.scheduler
+            .get()
+            .ok_or_else(|| CoordinatorError::Unavailable("the cluster is starting".into()))
+    }
+
+    /// Checks a request and fills in the defaults; every error names its field.
+    pub fn validate(&self, req: &GenerateRequest) -> Result<GenerationParams, CoordinatorError> {
+        validate(&self.config, &self.tokenizer, req)
+    }
+}
+
+/// Checks a request against the model and fills in the defaults.
+pub fn validate(
+    config: &ModelConfig,
+    tokenizer: &Tokenizer,
+    req: &GenerateRequest,
+) -> Result<GenerationParams, CoordinatorError> {
+    use CoordinatorError as E;
+    let context = config.n_positions;
+    let prompt_ids = match (req.prompt.is_empty(), req.prompt_ids.is_empty()) {
+        (true, true) => {
+            return Err(E::invalid(
+                "prompt",
+                "no prompt: give `prompt` (text) or `prompt_ids`",
+            ))
+        }
+        (false, false) => {
+            return Err(E::invalid(
+                "prompt",
+                "give `prompt` or `prompt_ids`, not both",
+            ))
+        }
+        (false, true) => {
+            if req.prompt.len() > defaults::MAX_PROMPT_BYTES {
+                return Err(E::out_of_range(
+                    "prompt",
+                    format!(
+                        "{} bytes is over the limit of {} bytes",
+                        req.prompt.len(),
+                        defaults::MAX_PROMPT_BYTES
+                    ),
+                ));
+            }
+            let ids = tokenizer
+                .encode(&req.prompt)
+                .map_err(|e| E::invalid("prompt", e.to_string()))?;
+            if ids.is_empty() {
+                return Err(E::invalid("prompt", "the text has no tokens"));
+            }
+            ids
+        }
+        (true, false) => {
+            if let Some((i, &bad)) = req
+                .prompt_ids
+                .iter()
+                .enumerate()
+                .find(|(_, &t)| t as usize >= config.vocab_size)
+            {
+                return Err(E::invalid(
+                    "prompt_ids",
+                    format!(
+                        "token id {bad} at index {i} is not below the vocabulary size {}",
+                        config.vocab_size
+                    ),
+                ));
+            }
+            req.prompt_ids.clone()
+        }
+    };
+    let field = if req.prompt_ids.is_empty() {
+        "prompt"
+    } else {
+        "prompt_ids"
+    };
+    if prompt_ids.len() >= context {
+        return Err(E::out_of_range(
+            field,
+            format!(
+                "the prompt has {} tokens; the context of {context} leaves no room to generate",
+                prompt_ids.len()
+            ),
+        ));
+    }
+    let room = context - prompt_ids.len();
+    let max_new = match req.max_tokens {
+        None => DEFAULT_MAX_TOKENS.min(room),
+        Some(0) => return Err(E::invalid("max_tokens", "must be at least 1")),
+        Some(n) if n as usize > room => {
+            return Err(E::out_of_range(
+                "max_tokens",
+                format!(
+                    "{n} new tokens after a prompt of {} exceed the context of {context} (at most {room})",
+                    prompt_ids.len()
+                ),
+            ))
+        }
+        Some(n) => n as usize,
+    };
+    let temperature = req.temperature.unwrap_or(0.0);
+    if !(temperature.is_finite() && temperature >= 0.0) {
+        return Err(E::invalid(
+            "temperature",
+            format!("{temperature} is not a number ≥ 0"),
+        ));
+    }
+    let top_k = req.top_k.unwrap_or(0);
+    if top_k as usize > config.vocab_size {
+        return Err(E::invalid(
+            "top_k",
+            format!("{top_k} exceeds the vocabulary size {}", config.vocab_size),
+        ));
+    }
+    let top_p = req.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(E::invalid("top_p", format!("{top_p} is not in (0, 1]")));
+    }
+    let repetition_penalty = req.repetition_penalty.unwrap_or(1.0);
+    if !(repetition_penalty.is_finite() && repetition_penalty > 0.0) {
+        return Err(E::invalid(
+            "repetition_penalty",
+            format!("{repetition_penalty} is not a number > 0"),
+        ));
+    }
+    if req.stop.len() > defaults::MAX_STOP_STRINGS {
+        return Err(E::invalid(
+            "stop",
+            format!(
+                "{} stop strings; at most {} are allowed",
+                req.stop.len(),
+                defaults::MAX_STOP_STRINGS
+            ),
+        ));
+    }
+    for (i, s) in req.stop.iter().enumerate() {
+        if s.is_empty() {
+            return Err(E::invalid("stop", format!("stop string {i} is empty")));
+        }
+        if s.len() > defaults::MAX_STOP_BYTES {
+            return Err(E::invalid(
+                "stop",
+                format!(
+                    "stop string {i} has {} bytes; at most {} are allowed",
+                    s.len(),
+                    defaults::MAX_STOP_BYTES
+                ),
+            ));
+        }
+    }
+    Ok(GenerationParams {
+        prompt_ids,
+        max_new,
+        temperature,
+        top_k,
+        top_p,
+        seed: req.seed.unwrap_or_else(rand::random),
+        repetition_penalty,
+        stop: req.stop.clone(),
+        ignore_eos: req.ignore_eos,
+        logprobs: req.logprobs,
+    })
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Generation for GenerationService {
+    #[instrument(skip_all)]
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateResponse>, Status> {
+        let params = self.validate(request.get_ref())?;
+        let mut events = self.scheduler()?.submit(params)?;
+        let mut out = GenerateResponse::default();
+        while let Some(msg) = events.recv().await {
+            let m = msg?;
+            out.token_ids.extend(m.token_ids);
+            out.logprobs.extend(m.logprobs);
+            out.text.push_str(&m.text);
+            if m.finish_reason != 0 {
+                out.finish_reason = m.finish_reason;
+                out.matched_stop = m.matched_stop;
+                out.prompt_tokens = m.prompt_tokens;
+                out.completion_tokens = m.completion_tokens;
+                out.seed = m.seed;
+                return Ok(Response::new(out));
+            }
+        }
+        Err(CoordinatorError::Internal("the sequence ended without a finish reason".into()).into())
+    }
+
+    type GenerateStreamStream = GenerateStream;
+
+    #[instrument(skip_all)]
+    async fn generate_stream(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let params = self.validate(request.get_ref())?;
+        let events = self.scheduler()?.submit(params)?;
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
+            events,
+        ))))
+    }
+
+    #[instrument(skip_all)]
+    async fn tokenize(
+        &self,
+        request: Request<TokenizeRequest>,
+    ) -> Result<Response<TokenizeResponse>, Status> {
+        let text = &request.get_ref().text;
+        if text.len() > defaults::MAX_PROMPT_BYTES {
+            return Err(CoordinatorError::out_of_range(
+                "text",
+                format!(
+                    "{} bytes is over the limit of {} bytes",
+                    text.len(),
+                    defaults::MAX_PROMPT_BYTES
+                ),
+            )
+            .into());
+        }
+        let token_ids = self
+            .tokenizer
+            .encode(text)
+            .map_err(|e| CoordinatorError::invalid("text", e.to_string()))?;
+        Ok(Response::new(TokenizeResponse { token_ids }))
+    }
+
+    #[instrument(skip_all)]
+    async fn model_info(
+        &self,
+        _request: Request<ModelInfoRequest>,
+    ) -> Result<Response<ModelInfoResponse>, Status> {
+        match self.info.get() {
+            Some(info) => Ok(Response::new(info.clone())),
+            None => Err(self
+                .state
+                .borrow()
+                .refusal()
+                .unwrap_or_else(|| CoordinatorError::Unavailable("the cluster is starting".into()))
+                .into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    fn check(req: GenerateRequest) -> Result<GenerationParams, CoordinatorError> {
+        let config = ModelConfig::preset("gpt2-tiny").unwrap();
+        validate(&config, &Tokenizer::gpt2(), &req)
+    }
+
+    fn ids(n: usize) -> GenerateRequest {
+        GenerateRequest {
+            prompt_ids: vec![1; n],
+            ..Default::default()
+        }
+    }
+
+    fn refused(req: GenerateRequest, code: Code, field: &str) {
+        let e = check(req).unwrap_err();
+        assert_eq!(e.code(), code, "{e}");
+        assert!(e.to_string().starts_with(field), "{e} should name {field}");
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let p = check(GenerateRequest {
+            prompt: "Hello world".into(),
+            seed: Some(3),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(p.prompt_ids, vec![15496, 995]);
+        assert_eq!(p.max_new, DEFAULT_MAX_TOKENS);
+        assert_eq!((p.temperature, p.top_k, p.top_p, p.seed), (0.0, 0, 1.0, 3));
+        let ctx = ModelConfig::preset("gpt2-tiny").unwrap().n_positions;
+        assert_eq!(
+            check(ids(ctx - 3)).unwrap().max_new,
+            3,
+            "capped by the context"
+        );
+    }
+
+    #[test]
+    fn malformed_requests_name_the_field() {
+        let ctx = ModelConfig::preset("gpt2-tiny").unwrap().n_positions;
+        refused(GenerateRequest::default(), Code::InvalidArgument, "prompt");
+        refused(
+            GenerateRequest {
+                prompt: "a".into(),
+                prompt_ids: vec![1],
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "prompt",
+        );
+        let big = GenerateRequest {
+            prompt: "x".repeat(10 << 20),
+            ..Default::default()
+        };
+        refused(big, Code::OutOfRange, "prompt");
+        refused(ids(ctx), Code::OutOfRange, "prompt_ids");
+        let mut r = ids(1);
+        r.prompt_ids[0] = 50257;
+        refused(r, Code::InvalidArgument, "prompt_ids");
+        let with = |f: &dyn Fn(&mut GenerateRequest)| {
+            let mut r = ids(4);
+            f(&mut r);
+            r
+        };
+        refused(
+            with(&|r| r.max_tokens = Some(0)),
+            Code::InvalidArgument,
+            "max_tokens",
+        );
+        refused(
+            with(&|r| r.max_tokens = Some(ctx as u32)),
+            Code::OutOfRange,
+            "max_tokens",
+        );
+        refused(
+            with(&|r| r.temperature = Some(-0.1)),
+            Code::InvalidArgument,
+            "temperature",
+        );
+        refused(
+            with(&|r| r.temperature = Some(f32::NAN)),
+            Code::InvalidArgument,
+            "temperature",
+        );
+        refused(
+            with(&|r| r.top_p = Some(0.0)),
+            Code::InvalidArgument,
+            "top_p",
+        );
+        refused(
+            with(&|r| r.top_p = Some(1.5)),
+            Code::InvalidArgument,
+            "top_p",
+        );
+        refused(
+            with(&|r| r.top_p = Some(f32::NAN)),
+            Code::InvalidArgument,
+            "top_p",
+        );
+        refused(
+            with(&|r| r.top_k = Some(60000)),
+            Code::InvalidArgument,
+            "top_k",
+        );
+        refused(
+            with(&|r| r.repetition_penalty = Some(0.0)),
+            Code::InvalidArgument,
+            "repetition_penalty",
+        );
+        refused(
+            with(&|r| r.stop = vec!["".into()]),
+            Code::InvalidArgument,
+            "stop",
+        );
+        refused(
+            with(&|r| r.stop = vec!["a".into(); 17]),
+            Code::InvalidArgument,
+            "stop",
+        );
+    }
+}

@@ -1,0 +1,258 @@
+//! The coordinator's configuration: a TOML file (`cluster/*.toml`), command-line flags on
+//! top, and the defaults in one place.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::StartError;
+
+/// Defaults of every tunable, in one place.
+pub mod defaults {
+    /// Address of the public gRPC API and of worker registration.
+    pub const LISTEN: &str = "0.0.0.0:50051";
+    /// Weight storage dtype.
+    pub const DTYPE: &str = "f32";
+    /// Tokens per KV-cache block.
+    pub const KV_BLOCK_TOKENS: usize = 16;
+    /// KV-cache bytes per worker.
+    pub const KV_CACHE_BYTES: u64 = 512 << 20;
+    /// Sequences in one step at most.
+    pub const MAX_BATCH_SEQS: usize = 64;
+    /// New tokens in one step at most (prefill and decode together).
+    pub const MAX_BATCH_TOKENS: usize = 4096;
+    /// Requests waiting for a place in the batch at most; beyond, RESOURCE_EXHAUSTED.
+    pub const MAX_QUEUED: usize = 256;
+    /// A worker that does not answer a health check this long has failed.
+    pub const WORKER_TIMEOUT_MS: u64 = 5_000;
+    /// How often every worker's health is checked.
+    pub const HEARTBEAT_MS: u64 = 1_000;
+    /// How long bring-up waits for every worker to register.
+    pub const REGISTER_TIMEOUT_MS: u64 = 300_000;
+    /// How long workers wait for their collective peers during bring-up.
+    pub const CONNECT_TIMEOUT_MS: u64 = 30_000;
+    /// Largest prompt text accepted, in bytes.
+    pub const MAX_PROMPT_BYTES: usize = 1 << 20;
+    /// Largest gRPC message accepted, in bytes (above the prompt limit so an oversized
+    /// prompt gets a precise error naming the field).
+    pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+    /// Stop strings per request at most.
+    pub const MAX_STOP_STRINGS: usize = 16;
+    /// Bytes of one stop string at most.
+    pub const MAX_STOP_BYTES: usize = 256;
+}
+
+/// Where the weights come from.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A Hugging Face checkpoint directory, at the same path on every worker.
+    pub path: Option<PathBuf>,
+    /// A preset with synthetic weights (when `path` is absent).
+    pub preset: Option<String>,
+    /// Seed of the synthetic weights.
+    #[serde(default)]
+    pub synthetic_seed: u64,
+    /// Storage dtype of the weight matrices: f32 or bf16.
+    pub dtype: Option<String>,
+}
+
+/// The `[cluster]` section.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    pub tp: Option<usize>,
+    pub pp: Option<usize>,
+    pub listen: Option<String>,
+    pub worker_timeout_ms: Option<u64>,
+    pub register_timeout_ms: Option<u64>,
+}
+
+/// The `[scheduler]` section.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerSection {
+    pub kv_block_tokens: Option<usize>,
+    pub kv_cache_bytes: Option<u64>,
+    pub max_batch_seqs: Option<usize>,
+    pub max_batch_tokens: Option<usize>,
+    pub max_queued: Option<usize>,
+}
+
+/// A cluster config file as written.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub model: ModelSection,
+    #[serde(default)]
+    pub cluster: ClusterSection,
+    #[serde(default)]
+    pub scheduler: SchedulerSection,
+}
+
+impl ConfigFile {
+    /// Reads and parses a TOML cluster config; errors name the file and the field.
+    pub fn load(path: &Path) -> Result<Self, StartError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| StartError::Config(format!("{}: {e}", path.display())))?;
+        Self::parse(&text).map_err(|e| StartError::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses a TOML cluster config.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+/// The model a cluster serves.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// A checkpoint directory, at the same path on every worker.
+    Checkpoint(PathBuf),
+    /// A preset with synthetic weights.
+    Synthetic { preset: String, seed: u64 },
+}
+
+/// Everything the coordinator runs with, defaults filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoordinatorConfig {
+    pub model: ModelSource,
+    pub dtype: String,
+    pub tp: usize,
+    pub pp: usize,
+    pub listen: String,
+    pub kv_block_tokens: usize,
+    pub kv_cache_bytes: u64,
+    pub max_batch_seqs: usize,
+    pub max_batch_tokens: usize,
+    pub max_queued: usize,
+    pub worker_timeout: Duration,
+    pub heartbeat: Duration,
+    pub register_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl CoordinatorConfig {
+    /// A config for `model` with every other field at its default.
+    pub fn new(model: ModelSource) -> Self {
+        CoordinatorConfig {
+            model,
+            dtype: defaults::DTYPE.into(),
+            tp: 1,
+            pp: 1,
+            listen: defaults::LISTEN.into(),
+            kv_block_tokens: defaults::KV_BLOCK_TOKENS,
+            kv_cache_bytes: defaults::KV_CACHE_BYTES,
+            max_batch_seqs: defaults::MAX_BATCH_SEQS,
+            max_batch_tokens: defaults::MAX_BATCH_TOKENS,
+            max_queued: defaults::MAX_QUEUED,
+            worker_timeout: Duration::from_millis(defaults::WORKER_TIMEOUT_MS),
+            heartbeat: Duration::from_millis(defaults::HEARTBEAT_MS),
+            register_timeout: Duration::from_millis(defaults::REGISTER_TIMEOUT_MS),
+            connect_timeout: Duration::from_millis(defaults::CONNECT_TIMEOUT_MS),
+        }
+    }
+
+    /// The config a file describes, defaults filled in.
+    pub fn from_file(file: &ConfigFile) -> Result<Self, StartError> {
+        let model = match (&file.model.path, &file.model.preset) {
+            (Some(p), None) => ModelSource::Checkpoint(p.clone()),
+            (None, Some(name)) => ModelSource::Synthetic {
+                preset: name.clone(),
+                seed: file.model.synthetic_seed,
+            },
+            (Some(_), Some(_)) => {
+                return Err(StartError::Config(
+                    "model: give `path` or `preset`, not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(StartError::Config(
+                    "model: give `path` (a checkpoint directory) or `preset`".into(),
+                ))
+            }
+        };
+        let mut c = CoordinatorConfig::new(model);
+        let (cl, s) = (&file.cluster, &file.scheduler);
+        if let Some(d) = &file.model.dtype {
+            c.dtype = d.clone();
+        }
+        c.tp = cl.tp.unwrap_or(c.tp);
+        c.pp = cl.pp.unwrap_or(c.pp);
+        if let Some(l) = &cl.listen {
+            c.listen = l.clone();
+        }
+        if let Some(ms) = cl.worker_timeout_ms {
+            c.worker_timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = cl.register_timeout_ms {
+            c.register_timeout = Duration::from_millis(ms);
+        }
+        c.kv_block_tokens = s.kv_block_tokens.unwrap_or(c.kv_block_tokens);
+        c.kv_cache_bytes = s.kv_cache_bytes.unwrap_or(c.kv_cache_bytes);
+        c.max_batch_seqs = s.max_batch_seqs.unwrap_or(c.max_batch_seqs);
+        c.max_batch_tokens = s.max_batch_tokens.unwrap_or(c.max_batch_tokens);
+        c.max_queued = s.max_queued.unwrap_or(c.max_queued);
+        Ok(c)
+    }
+
+    /// Checks the values that are wrong whatever the model; the model-dependent checks
+    /// (the split, the context) happen at bring-up.
+    pub fn validate(&self) -> Result<(), StartError> {
+        let bad = |field: &str, why: &str| Err(StartError::Config(format!("{field}: {why}")));
+        if self.tp == 0 {
+            return bad("tp", "must be at least 1");
+        }
+        if self.pp == 0 {
+            return bad("pp", "must be at least 1");
+        }
+        if self.kv_block_tokens == 0 {
+            return bad("kv_block_tokens", "must be at least 1");
+        }
+        if self.max_batch_seqs == 0 {
+            return bad("max_batch_seqs", "must be at least 1");
+        }
+        if self.max_batch_tokens == 0 {
+            return bad("max_batch_tokens", "must be at least 1");
+        }
+        if !matches!(self.dtype.as_str(), "f32" | "bf16") {
+            return bad("dtype", "must be f32 or bf16");
+        }
+        if self.worker_timeout.is_zero() {
+            return bad("worker_timeout_ms", "must be above 0");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_configs_parse() {
+        for name in ["local-tp2-pp2.toml", "gpt3-175b-2x8.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../cluster")
+                .join(name);
+            let file = ConfigFile::load(&path).unwrap();
+            let c = CoordinatorConfig::from_file(&file).unwrap();
+            c.validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_named() {
+        let e = ConfigFile::parse("[model]\npreset = \"gpt2\"\n[cluster]\ntpp = 2\n").unwrap_err();
+        assert!(e.contains("tpp"), "{e}");
+        let file = ConfigFile::parse("[model]\npreset = \"gpt2\"\n[cluster]\ntp = 0\n").unwrap();
+        let e = CoordinatorConfig::from_file(&file)
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("tp"), "{e}");
+        let file = ConfigFile::parse("[model]\n").unwrap();
+        assert!(CoordinatorConfig::from_file(&file).is_err());
+    }
+}

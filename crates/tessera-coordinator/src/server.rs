@@ -1,0 +1,487 @@
+//! Bring-up and the life of a coordinator: listen, wait for the workers, assign their
+//! shards, open their collectives, load, warm up, serve, watch their health.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tessera_model::{ModelConfig, ShardPlan, Tokenizer};
+use tessera_proto::v1::generation_server::GenerationServer;
+use tessera_proto::v1::{ModelInfoResponse, WorkerInfo};
+use tessera_proto::worker::v1 as pb;
+use tessera_proto::worker::v1::cluster_server::ClusterServer;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+use crate::api::GenerationService;
+use crate::blocks::BlockManager;
+use crate::config::{defaults, CoordinatorConfig, ModelSource};
+use crate::convert;
+use crate::error::StartError;
+use crate::membership::Membership;
+use crate::scheduler::{BatchLimits, Scheduler};
+use crate::state::{fail, ClusterState, StateRx, StateTx};
+use crate::workers::{ShardedClient, WorkerClient};
+
+/// A running coordinator.
+pub struct Coordinator {
+    addr: SocketAddr,
+    state: StateRx,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), StartError>>,
+}
+
+/// What bring-up needs to know about the model.
+struct Model {
+    config: ModelConfig,
+    tokenizer: Tokenizer,
+    weights: pb::model_spec::Weights,
+}
+
+fn open_model(source: &ModelSource) -> Result<Model, StartError> {
+    Ok(match source {
+        ModelSource::Checkpoint(dir) => Model {
+            config: ModelConfig::from_hf_dir(dir)?,
+            tokenizer: Tokenizer::for_checkpoint(dir)?,
+            weights: pb::model_spec::Weights::CheckpointDir(dir.display().to_string()),
+        },
+        ModelSource::Synthetic { preset, seed } => Model {
+            config: ModelConfig::preset(preset)?,
+            tokenizer: Tokenizer::gpt2(),
+            weights: pb::model_spec::Weights::SyntheticSeed(*seed),
+        },
+    })
+}
+
+/// KV-cache blocks every worker holds: as many as `kv_cache_bytes` allows on the worker
+/// with the most layers and heads, and no more than a full batch of full-context
+/// sequences could use.
+pub fn kv_blocks(
+    config: &ModelConfig,
+    plan: &ShardPlan,
+    c: &CoordinatorConfig,
+) -> Result<usize, StartError> {
+    let block_bytes = plan
+        .shards
+        .iter()
+        .map(|s| {
+            // K and V, f32, for each of the shard's layers and heads.
+            2 * s.layers.len() * s.heads.len() * config.head_dim() * c.kv_block_tokens * 4
+        })
+        .max()
+        .unwrap_or(1)
+        .max(1) as u64;
+    let fit = (c.kv_cache_bytes / block_bytes) as usize;
+    let useful = c.max_batch_seqs * config.n_positions.div_ceil(c.kv_block_tokens);
+    if fit == 0 {
+        return Err(StartError::Config(format!(
+            "kv_cache_bytes: {} bytes hold no block of {} tokens ({block_bytes} bytes)",
+            c.kv_cache_bytes, c.kv_block_tokens
+        )));
+    }
+    Ok(fit.min(useful))
+}
+
+impl Coordinator {
+    /// Opens the listener and starts bring-up in the background. Returns once the
+    /// listener is bound; [`Coordinator::state`] tells when the cluster serves.
+    pub async fn start(config: CoordinatorConfig) -> Result<Coordinator, StartError> {
+        config.validate()?;
+        let model = open_model(&config.model)?;
+        let plan = ShardPlan::new(&model.config, config.tp, config.pp)?;
+        let kv_blocks = kv_blocks(&model.config, &plan, &config)?;
+        let world = plan.world_size();
+        let generation = rand::random::<u64>() | 1;
+
+        let listener = tokio::net::TcpListener::bind(&config.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: config.listen.clone(),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Listen {
+            addr: config.listen.clone(),
+            source,
+        })?;
+
+        let (state_tx, state_rx) = watch::channel(ClusterState::Starting(format!(
+            "0 of {world} workers registered"
+        )));
+        let membership = Membership::new(world, generation, config.heartbeat.as_millis() as u32);
+        let config_arc = Arc::new(model.config.clone());
+        let tokenizer = Arc::new(model.tokenizer);
+        let api = GenerationService::new(config_arc, tokenizer.clone(), state_rx.clone());
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartError::Config(format!("reflection: {e}")))?;
+        let (stop, stop_rx) = watch::channel(false);
+
+        let server_stop = {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+        let server = Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(
+                GenerationServer::new(api.clone())
+                    .max_decoding_message_size(defaults::MAX_MESSAGE_BYTES),
+            )
+            .add_service(ClusterServer::new(membership.clone()))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), server_stop);
+        let server = tokio::spawn(server);
+
+        // Health follows the cluster state: SERVING only while every worker is ready.
+        {
+            let mut rx = state_rx.clone();
+            tokio::spawn(async move {
+                loop {
+                    let status = if *rx.borrow_and_update() == ClusterState::Serving {
+                        ServingStatus::Serving
+                    } else {
+                        ServingStatus::NotServing
+                    };
+                    health.set_service_status("", status).await;
+                    health
+                        .set_service_status("tessera.v1.Generation", status)
+                        .await;
+                    if rx.changed().await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        info!(%addr, "coordinator listening (gRPC API and worker registration)");
+
+        let bring_up = BringUp {
+            config,
+            model_config: model.config,
+            weights: model.weights,
+            plan,
+            kv_blocks,
+            generation,
+            membership,
+            tokenizer,
+            api,
+            state_tx,
+            stop: stop_rx,
+        };
+        let task = tokio::spawn(async move {
+            let result = bring_up.run().await;
+            // Whatever ended the coordinator, the listener closes with it.
+            server.abort();
+            result
+        });
+        Ok(Coordinator {
+            addr,
+            state: state_rx,
+            stop,
+            task,
+        })
+    }
+
+    /// The bound address of the gRPC listener.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The cluster's state, to watch for `Serving` or `Failed`.
+    pub fn state(&self) -> StateRx {
+        self.state.clone()
+    }
+
+    /// A handle that stops the coordinator when sent `true`.
+    pub fn stopper(&self) -> watch::Sender<bool> {
+        self.stop.clone()
+    }
+
+    /// Waits until the coordinator ends: an error when bring-up failed.
+    pub async fn wait(self) -> Result<(), StartError> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(StartError::BringUp(format!(
+                "the coordinator task ended: {e}"
+            ))),
+        }
+    }
+}
+
+struct BringUp {
+    config: CoordinatorConfig,
+    model_config: ModelConfig,
+    weights: pb::model_spec::Weights,
+    plan: ShardPlan,
+    kv_blocks: usize,
+    generation: u64,
+    membership: Membership,
+    tokenizer: Arc<Tokenizer>,
+    api: GenerationService,
+    state_tx: StateTx,
+    stop: watch::Receiver<bool>,
+}
+
+impl BringUp {
+    async fn run(mut self) -> Result<(), StartError> {
+        let mut stop = self.stop.clone();
+        let workers = tokio::select! {
+            w = self.bring_up() => w,
+            _ = stop.wait_for(|s| *s) => {
+                self.state_tx.send_replace(ClusterState::Stopping);
+                return Ok(());
+            }
+        };
+        let workers = match workers {
+            Ok(w) => w,
+            Err(e) => {
+                fail(&self.state_tx, e.to_string());
+                return Err(e);
+            }
+        };
+        let (scheduler, handle) = Scheduler::new(
+            workers.clone(),
+            BlockManager::new(self.kv_blocks, self.config.kv_block_tokens),
+            BatchLimits {
+                max_seqs: self.config.max_batch_seqs,
+                max_tokens: self.config.max_batch_tokens,
+                max_queued: self.config.max_queued,
+            },
+            self.tokenizer.clone(),
+            self.model_config.eos_token_id,
+            self.state_tx.clone(),
+            1,
+        );
+        self.api.serve(handle, self.model_info(&workers));
+        self.state_tx.send_replace(ClusterState::Serving);
+        info!(
+            model = %self.model_config.name,
+            tp = self.plan.tp,
+            pp = self.plan.pp,
+            kv_blocks = self.kv_blocks,
+            kv_block_tokens = self.config.kv_block_tokens,
+            "cluster serving"
+        );
+        let scheduler = tokio::spawn(scheduler.run());
+        let monitor = tokio::spawn(monitor(
+            workers.clone(),
+            self.state_tx.clone(),
+            self.config.heartbeat,
+            self.config.worker_timeout,
+        ));
+        let _ = stop.wait_for(|s| *s).await;
+        self.state_tx.send_replace(ClusterState::Stopping);
+        monitor.abort();
+        if let Ok(timing) = scheduler.await {
+            if timing.steps > 0 {
+                info!(
+                    steps = timing.steps,
+                    mean_step_ms = timing.wall.as_secs_f64() * 1e3 / timing.steps as f64,
+                    mean_compute_ms = timing.compute.as_secs_f64() * 1e3 / timing.steps as f64,
+                    "scheduler stopped"
+                );
+            }
+        }
+        workers.release().await;
+        Ok(())
+    }
+
+    fn starting(&self, what: String) {
+        self.state_tx.send_replace(ClusterState::Starting(what));
+    }
+
+    async fn bring_up(&mut self) -> Result<ShardedClient, StartError> {
+        let world = self.plan.world_size();
+        let mut count = self.membership.watch_count();
+        let deadline = Instant::now() + self.config.register_timeout;
+        loop {
+            let n = *count.borrow_and_update();
+            self.starting(format!("{n} of {world} workers registered"));
+            if n >= world {
+                break;
+            }
+            info!("waiting for workers: {n} of {world} registered");
+            match tokio::time::timeout_at(deadline.into(), count.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(StartError::BringUp("registry closed".into())),
+                Err(_) => {
+                    return Err(StartError::BringUp(format!(
+                        "only {n} of {world} workers registered within {} s",
+                        self.config.register_timeout.as_secs()
+                    )))
+                }
+            }
+        }
+        let registered = self.membership.workers();
+        let clients = registered
+            .iter()
+            .zip(&self.plan.shards)
+            .map(|(r, s)| WorkerClient::new(r, s.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(StartError::BringUp)?;
+        let mut workers = ShardedClient::new(clients, self.generation);
+        let result = self.bring_up_workers(&mut workers).await;
+        if result.is_err() {
+            workers.release().await;
+        }
+        result.map(|()| workers)
+    }
+
+    async fn bring_up_workers(&self, workers: &mut ShardedClient) -> Result<(), StartError> {
+        let generation = self.generation;
+        let (tp, pp) = (self.plan.tp, self.plan.pp);
+        let model = pb::ModelSpec {
+            config: Some(convert::model_config(&self.model_config)),
+            weights: Some(self.weights.clone()),
+            dtype: self.config.dtype.clone(),
+        };
+        self.starting("assigning shards".into());
+        let kv_blocks = self.kv_blocks as u32;
+        let kv_block_tokens = self.config.kv_block_tokens as u32;
+        let assigned = workers
+            .all("Assign", |mut c, w| {
+                let req = pb::AssignRequest {
+                    generation,
+                    model: Some(model.clone()),
+                    tp: tp as u32,
+                    pp: pp as u32,
+                    stage: w.spec.stage as u32,
+                    tp_rank: w.spec.tp_rank as u32,
+                    kv_blocks,
+                    kv_block_tokens,
+                };
+                async move { c.assign(req).await }
+            })
+            .await
+            .map_err(StartError::BringUp)?;
+
+        self.starting("opening collectives".into());
+        let token: [u8; 16] = rand::random();
+        let at = |i: usize, port: u32| {
+            SocketAddr::new(workers.workers[i].address.ip(), port as u16).to_string()
+        };
+        let timeout_ms = self.config.connect_timeout.as_millis() as u32;
+        workers
+            .all("OpenCollectives", |mut c, w| {
+                let stage = w.spec.stage;
+                let tp_peers = (0..tp)
+                    .map(|r| pb::Endpoint {
+                        address: at(stage * tp + r, assigned[stage * tp + r].tp_port),
+                    })
+                    .collect();
+                let next = stage * tp + tp + w.spec.tp_rank;
+                let next_stage = if stage + 1 < pp {
+                    at(next, assigned[next].prev_port)
+                } else {
+                    String::new()
+                };
+                let req = pb::OpenCollectivesRequest {
+                    generation,
+                    tp_peers,
+                    next_stage,
+                    token: token.to_vec(),
+                    timeout_ms,
+                };
+                async move { c.open_collectives(req).await }
+            })
+            .await
+            .map_err(StartError::BringUp)?;
+
+        self.starting("loading weights".into());
+        let loaded = workers
+            .all("Load", |mut c, _| async move {
+                c.load(pb::LoadRequest { generation }).await
+            })
+            .await
+            .map_err(StartError::BringUp)?;
+        for (w, l) in workers.workers.iter_mut().zip(&loaded) {
+            w.weight_bytes = l.weight_bytes;
+            info!(
+                worker = %w.name(),
+                weight_bytes = l.weight_bytes,
+                load_ms = l.load_ms,
+                "shard loaded"
+            );
+        }
+
+        self.starting("warming up".into());
+        let warm = pb::StepRequest {
+            generation,
+            step_id: 1,
+            seqs: vec![pb::SeqStep {
+                seq_id: 0,
+                tokens: vec![self.model_config.eos_token_id],
+                start_pos: 0,
+                block_table: vec![0],
+                sample: Some(pb::SampleSpec {
+                    top_p: 1.0,
+                    repetition_penalty: 1.0,
+                    ..Default::default()
+                }),
+            }],
+        };
+        workers
+            .step(warm)
+            .await
+            .map_err(|f| StartError::BringUp(format!("warm-up step: {}", f.message)))?;
+        Ok(())
+    }
+
+    fn model_info(&self, workers: &ShardedClient) -> ModelInfoResponse {
+        let c = &self.model_config;
+        ModelInfoResponse {
+            name: c.name.clone(),
+            vocab_size: c.vocab_size as u32,
+            context_length: c.n_positions as u32,
+            n_layer: c.n_layer as u32,
+            n_embd: c.n_embd as u32,
+            n_head: c.n_head as u32,
+            eos_token_id: c.eos_token_id,
+            parameters: c.param_count(),
+            dtype: self.config.dtype.clone(),
+            tp: self.plan.tp as u32,
+            pp: self.plan.pp as u32,
+            kv_blocks: self.kv_blocks as u32,
+            kv_block_tokens: self.config.kv_block_tokens as u32,
+            tokenizer: self.tokenizer.kind().into(),
+            workers: workers
+                .workers
+                .iter()
+                .map(|w| WorkerInfo {
+                    address: w.address.to_string(),
+                    stage: w.spec.stage as u32,
+                    tp_rank: w.spec.tp_rank as u32,
+                    first_layer: w.spec.layers.start as u32,
+                    end_layer: w.spec.layers.end as u32,
+                    weight_bytes: w.weight_bytes,
+                    backend: w.backend.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Checks every worker's health each `every`; a worker that fails or does not answer
+/// within `timeout` fails the cluster, which aborts the step in flight.
+async fn monitor(workers: ShardedClient, state: StateTx, every: Duration, timeout: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if *state.borrow() != ClusterState::Serving {
+            continue;
+        }
+        if let Err(message) = workers.health(timeout).await {
+            warn!("health check failed: {message}");
+            fail(&state, message);
+        }
+    }
+}

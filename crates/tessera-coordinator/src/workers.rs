@@ -1,0 +1,267 @@
+//! Clients of the workers: one [`WorkerClient`] per worker and a [`ShardedClient`] that
+//! fans a call out to all of them (every step goes to every worker).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use tessera_model::ShardSpec;
+use tessera_proto::worker::v1 as pb;
+use tessera_proto::worker::v1::worker_client::WorkerClient as RawClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::config::defaults;
+use crate::membership::Registered;
+
+/// One worker: its shard and a channel to its `Worker` service.
+#[derive(Clone)]
+pub struct WorkerClient {
+    /// The shard it holds.
+    pub spec: ShardSpec,
+    /// Where its `Worker` service listens.
+    pub address: SocketAddr,
+    /// Its backend.
+    pub backend: String,
+    /// Bytes of weight matrices it loaded.
+    pub weight_bytes: u64,
+    client: RawClient<Channel>,
+}
+
+impl WorkerClient {
+    /// A lazily connected client of `w`, which holds `spec`.
+    pub fn new(w: &Registered, spec: ShardSpec) -> Result<Self, String> {
+        let endpoint = Endpoint::from_shared(format!("http://{}", w.address))
+            .map_err(|e| format!("worker address {}: {e}", w.address))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10));
+        let client = RawClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(defaults::MAX_MESSAGE_BYTES * 4)
+            .max_encoding_message_size(defaults::MAX_MESSAGE_BYTES * 4);
+        Ok(WorkerClient {
+            spec,
+            address: w.address,
+            backend: w.backend.clone(),
+            weight_bytes: 0,
+            client,
+        })
+    }
+
+    /// How errors name this worker: `worker 3 (stage 1, tp rank 1, 10.0.0.4:7001)`.
+    pub fn name(&self) -> String {
+        format!(
+            "worker {} (stage {}, tp rank {}, {})",
+            self.spec.worker, self.spec.stage, self.spec.tp_rank, self.address
+        )
+    }
+
+    /// The raw gRPC client.
+    pub fn raw(&self) -> RawClient<Channel> {
+        self.client.clone()
+    }
+
+    /// Asks for the worker's health, giving up after `timeout`.
+    pub async fn health(
+        &self,
+        generation: u64,
+        timeout: Duration,
+    ) -> Result<pb::HealthResponse, String> {
+        let mut c = self.client.clone();
+        let mut req = tonic::Request::new(pb::HealthRequest { generation });
+        req.set_timeout(timeout);
+        match tokio::time::timeout(timeout, c.health(req)).await {
+            Err(_) => Err(format!(
+                "{} did not answer a health check within {} ms",
+                self.name(),
+                timeout.as_millis()
+            )),
+            Ok(Err(s)) => Err(format!("{}: {}", self.name(), describe(&s))),
+            Ok(Ok(r)) => {
+                let h = r.into_inner();
+                if h.state == pb::WorkerState::Failed as i32 {
+                    Err(format!("{} has failed: {}", self.name(), h.message))
+                } else {
+                    Ok(h)
+                }
+            }
+        }
+    }
+}
+
+/// A status as a short phrase for messages.
+pub fn describe(s: &Status) -> String {
+    if s.message().is_empty() {
+        format!("{:?}", s.code())
+    } else {
+        format!("{:?}: {}", s.code(), s.message())
+    }
+}
+
+/// Every worker of the cluster, in plan order.
+#[derive(Clone)]
+pub struct ShardedClient {
+    /// The workers, ordered by `(stage, tp_rank)`.
+    pub workers: Vec<WorkerClient>,
+    generation: u64,
+}
+
+/// What one step gave back.
+pub struct StepReply {
+    /// The sampled tokens, from the worker that reports them.
+    pub results: Vec<pb::SeqResult>,
+    /// The longest compute time any worker reported.
+    pub max_compute: Duration,
+    /// Wall time of the whole fan-out.
+    pub wall: Duration,
+}
+
+/// A failed step: the message names the worker to blame, and `invalid` tells a request
+/// that the workers refused (nothing changed) from a broken cluster.
+#[derive(Debug, Clone)]
+pub struct StepFailure {
+    pub message: String,
+    pub invalid: bool,
+}
+
+impl ShardedClient {
+    /// The cluster's workers for generation `generation`.
+    pub fn new(workers: Vec<WorkerClient>, generation: u64) -> Self {
+        ShardedClient {
+            workers,
+            generation,
+        }
+    }
+
+    /// The cluster generation.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Calls `f` on every worker at once; the error names the first worker that failed.
+    pub async fn all<T, F, Fut>(&self, what: &str, f: F) -> Result<Vec<T>, String>
+    where
+        F: Fn(RawClient<Channel>, &WorkerClient) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let calls = self.workers.iter().map(|w| f(w.raw(), w));
+        let results = join_all(calls).await;
+        let mut out = Vec::with_capacity(results.len());
+        for (w, r) in self.workers.iter().zip(results) {
+            match r {
+                Ok(r) => out.push(r.into_inner()),
+                Err(s) => return Err(format!("{what} on {}: {}", w.name(), describe(&s))),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sends one step to every worker and waits for all of them.
+    pub async fn step(&self, step: pb::StepRequest) -> Result<StepReply, StepFailure> {
+        let start = Instant::now();
+        let calls = self.workers.iter().map(|w| {
+            let mut c = w.raw();
+            let req = step.clone();
+            async move { c.step(req).await }
+        });
+        let results = join_all(calls).await;
+        let wall = start.elapsed();
+        let mut reply = StepReply {
+            results: Vec::new(),
+            max_compute: Duration::ZERO,
+            wall,
+        };
+        let mut failed = Vec::new();
+        let mut reported = false;
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    reply.max_compute = reply.max_compute.max(Duration::from_micros(r.compute_us));
+                    if r.reports {
+                        reported = true;
+                        reply.results = r.results;
+                    }
+                }
+                Err(s) => failed.push((i, s)),
+            }
+        }
+        if failed.is_empty() {
+            if !reported {
+                return Err(StepFailure {
+                    message: "no worker reported the step's tokens".into(),
+                    invalid: false,
+                });
+            }
+            return Ok(reply);
+        }
+        if failed
+            .iter()
+            .all(|(_, s)| s.code() == Code::InvalidArgument)
+        {
+            let (i, s) = &failed[0];
+            return Err(StepFailure {
+                message: format!(
+                    "{} refused the step: {}",
+                    self.workers[*i].name(),
+                    s.message()
+                ),
+                invalid: true,
+            });
+        }
+        Err(StepFailure {
+            message: self.blame(&failed).await,
+            invalid: false,
+        })
+    }
+
+    /// Names the worker behind a failed step. When one worker dies its peers fail too
+    /// (their collectives lose a member), so the dead one is found by asking every worker
+    /// that failed for its health: the one that cannot answer is to blame.
+    async fn blame(&self, failed: &[(usize, Status)]) -> String {
+        let probes = failed
+            .iter()
+            .map(|(i, _)| self.workers[*i].health(self.generation, Duration::from_millis(1000)));
+        let answers = join_all(probes).await;
+        for ((i, s), a) in failed.iter().zip(&answers) {
+            if a.is_err() {
+                return format!(
+                    "{} is unreachable ({})",
+                    self.workers[*i].name(),
+                    describe(s)
+                );
+            }
+        }
+        let (i, s) = &failed[0];
+        format!(
+            "{} failed the step: {}",
+            self.workers[*i].name(),
+            describe(s)
+        )
+    }
+
+    /// Checks every worker's health at once; the error names the first unhealthy one.
+    pub async fn health(&self, timeout: Duration) -> Result<(), String> {
+        let probes = self
+            .workers
+            .iter()
+            .map(|w| w.health(self.generation, timeout));
+        for r in join_all(probes).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Asks every worker to drop its shard; errors are ignored (the worker may be gone).
+    pub async fn release(&self) {
+        let calls = self.workers.iter().map(|w| {
+            let mut c = w.raw();
+            let mut req = tonic::Request::new(pb::ReleaseRequest {
+                generation: self.generation,
+            });
+            req.set_timeout(Duration::from_secs(2));
+            async move { c.release(req).await }
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(3), join_all(calls)).await;
+    }
+}
