@@ -1,9 +1,15 @@
 //! `tessera`: the one binary. It parses arguments and wires the libraries together.
 
 mod bench;
+mod cluster_args;
+mod coordinator_cmd;
+mod generate_cmd;
 mod model_cmd;
 mod run;
+mod serve;
+mod signals;
 mod source;
+mod worker_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -17,6 +23,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Start a whole cluster on this machine: a coordinator and one worker process per
+    /// shard (TP=2 over a small synthetic GPT-2 by default), serving gRPC until Ctrl-C.
+    Serve(serve::ServeArgs),
+    /// Run the coordinator of a multi-node cluster: the public API and the scheduler.
+    Coordinator(coordinator_cmd::CoordinatorArgs),
+    /// Run one worker process: it registers with the coordinator and serves one shard.
+    Worker(worker_cmd::WorkerArgs),
+    /// Generate text from a running cluster over gRPC.
+    Generate(generate_cmd::GenerateArgs),
     /// Run every shard of a TP × PP split in this process and generate from a prompt.
     Run(run::RunArgs),
     /// Inspect a model (sizes, memory per worker) or write a synthetic checkpoint.
@@ -36,15 +51,24 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    let cli = Cli::parse();
+    // Servers say what they are doing; one-shot tools speak only when something is wrong.
+    let default_filter = match cli.command {
+        Command::Serve(_) | Command::Coordinator(_) | Command::Worker(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(args) => serve::serve(args),
+        Command::Coordinator(args) => coordinator_cmd::coordinator(args),
+        Command::Worker(args) => worker_cmd::worker(args),
+        Command::Generate(args) => generate_cmd::generate(args),
         Command::Run(args) => run::run(args),
         Command::Model(cmd) => model_cmd::model(cmd),
         Command::Bench(cmd) => bench::bench(cmd),

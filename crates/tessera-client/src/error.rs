@@ -1,0 +1,144 @@
+//! What can go wrong talking to a Tessera cluster, in words a person can act on.
+
+use std::fmt;
+
+use tonic::{Code, Status};
+
+/// Errors of [`Client`](crate::Client) calls.
+///
+/// The `Display` of a server's answer is `CODE: message` (`INVALID_ARGUMENT: max_tokens:
+/// …`), the way gRPC tools print statuses, so a CLI can print `error: {e}` as it is.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The endpoint string is not `host:port` or `http://host:port`.
+    #[error("invalid endpoint `{endpoint}`: {reason}")]
+    InvalidEndpoint {
+        /// The endpoint as given.
+        endpoint: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Nothing answered at the endpoint (refused, unreachable, or no answer in time).
+    #[error("cannot connect to {endpoint}: {reason}")]
+    Connect {
+        /// The endpoint as given.
+        endpoint: String,
+        /// The cause, e.g. `connection refused` or `no answer within 5 s`.
+        reason: String,
+    },
+    /// The call ended with a gRPC status other than OK (from the server, or
+    /// `DEADLINE_EXCEEDED` from this client's own per-call timeout).
+    #[error("{}", StatusLine(.0))]
+    Status(Status),
+    /// The server broke the protocol, e.g. a stream that ended without its last message.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The gRPC status, when the call got as far as one.
+    pub fn status(&self) -> Option<&Status> {
+        match self {
+            ClientError::Status(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The gRPC status code, when the call got as far as one.
+    pub fn code(&self) -> Option<Code> {
+        self.status().map(Status::code)
+    }
+}
+
+// Not `#[from]`: that would make the `Status` the error's `source()`, and `{:#}` printers
+// (anyhow) would append tonic's debug-like `Display` of it after our own line.
+impl From<Status> for ClientError {
+    fn from(status: Status) -> Self {
+        ClientError::Status(status)
+    }
+}
+
+/// `CODE: message`, or just `CODE` when the message is empty.
+struct StatusLine<'a>(&'a Status);
+
+impl fmt::Display for StatusLine<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let code = code_name(self.0.code());
+        match self.0.message() {
+            "" => f.write_str(code),
+            message => write!(f, "{code}: {message}"),
+        }
+    }
+}
+
+/// The canonical name of a gRPC status code, as in the gRPC spec and `grpcurl`'s output:
+/// `INVALID_ARGUMENT`, `UNAVAILABLE`, ….
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_prints_as_code_and_message() {
+        let e = ClientError::from(Status::invalid_argument("max_tokens: must be at least 1"));
+        assert_eq!(
+            e.to_string(),
+            "INVALID_ARGUMENT: max_tokens: must be at least 1"
+        );
+        assert_eq!(e.code(), Some(Code::InvalidArgument));
+        assert!(
+            std::error::Error::source(&e).is_none(),
+            "no source, so `{{:#}}` prints one clean line"
+        );
+        let e = ClientError::from(Status::cancelled(""));
+        assert_eq!(e.to_string(), "CANCELLED");
+    }
+
+    #[test]
+    fn every_code_has_its_canonical_name() {
+        // The names are the spec's: the numeric code's position in this list.
+        let names = [
+            "OK",
+            "CANCELLED",
+            "UNKNOWN",
+            "INVALID_ARGUMENT",
+            "DEADLINE_EXCEEDED",
+            "NOT_FOUND",
+            "ALREADY_EXISTS",
+            "PERMISSION_DENIED",
+            "RESOURCE_EXHAUSTED",
+            "FAILED_PRECONDITION",
+            "ABORTED",
+            "OUT_OF_RANGE",
+            "UNIMPLEMENTED",
+            "INTERNAL",
+            "UNAVAILABLE",
+            "DATA_LOSS",
+            "UNAUTHENTICATED",
+        ];
+        for (i, name) in names.iter().enumerate() {
+            assert_eq!(code_name(Code::from_i32(i as i32)), *name);
+        }
+    }
+}

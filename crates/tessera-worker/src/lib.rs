@@ -1,0 +1,286 @@
+//! The Tessera worker: one shard of the model behind the `tessera.worker.v1.Worker` gRPC
+//! service (`proto/tessera/worker/v1/worker.proto`).
+//!
+//! [`run_worker`] serves the service, registers with the coordinator, and serves until
+//! told to stop or until the coordinator goes silent. The coordinator then drives the
+//! worker: `Assign` → `OpenCollectives` → `Load` → `Step`… → `Release`.
+mod collectives;
+mod convert;
+mod error;
+mod memory;
+mod service;
+mod shard_thread;
+
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use tessera_proto::worker::v1::cluster_client::ClusterClient;
+use tessera_proto::worker::v1::worker_server::WorkerServer;
+use tessera_proto::worker::v1::{RegisterRequest, RegisterResponse};
+use tokio::sync::{oneshot, watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Endpoint, Server};
+use tonic::Code;
+use tracing::{info, warn};
+
+pub use convert::model_config_to_proto;
+pub use error::WorkerError;
+
+use service::WorkerService;
+
+/// Largest gRPC message the worker accepts: a step of a large batch with long prompts
+/// and block tables fits many times over.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Default of [`WorkerOptions::coordinator_timeout`].
+pub const DEFAULT_COORDINATOR_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// First and longest pause between attempts to reach a coordinator that is not up yet.
+const REGISTER_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(1));
+/// How long the gRPC server may take to finish its calls once told to stop.
+const SERVER_DRAIN: Duration = Duration::from_secs(5);
+
+/// How a worker process runs.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// The coordinator's `Cluster` service, `host:port`.
+    pub coordinator: String,
+    /// Where the `Worker` service listens; port 0 picks a free port. The collective
+    /// listeners bind on the same IP.
+    pub listen: SocketAddr,
+    /// Host the coordinator and the peers should dial; `None`: the address the
+    /// coordinator sees the registration come from.
+    pub advertise_host: Option<String>,
+    /// Compute backend; only `cpu` is available.
+    pub backend: String,
+    /// Kernel threads of the shard (at least 1).
+    pub threads: usize,
+    /// How long to keep trying to register, and how long the coordinator may stay
+    /// silent (no call at all, none in progress) before the worker gives up on it.
+    pub coordinator_timeout: Duration,
+}
+
+impl WorkerOptions {
+    /// Options for a CPU worker of `coordinator` on every core, listening on any address.
+    pub fn new(coordinator: impl Into<String>) -> Self {
+        WorkerOptions {
+            coordinator: coordinator.into(),
+            listen: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
+            advertise_host: None,
+            backend: "cpu".into(),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            coordinator_timeout: DEFAULT_COORDINATOR_TIMEOUT,
+        }
+    }
+
+    fn check(&self) -> Result<Endpoint, WorkerError> {
+        if self.backend != "cpu" {
+            return Err(WorkerError::InvalidOptions(format!(
+                "backend `{}` is not available in this worker; use --backend cpu",
+                self.backend
+            )));
+        }
+        if self.threads == 0 {
+            return Err(WorkerError::InvalidOptions(
+                "--threads must be at least 1".into(),
+            ));
+        }
+        if self.coordinator_timeout.is_zero() {
+            return Err(WorkerError::InvalidOptions(
+                "--coordinator-timeout must be positive".into(),
+            ));
+        }
+        let uri = if self.coordinator.contains("://") {
+            self.coordinator.clone()
+        } else {
+            format!("http://{}", self.coordinator)
+        };
+        Endpoint::from_shared(uri).map_err(|e| {
+            WorkerError::InvalidOptions(format!(
+                "--coordinator `{}` is not host:port: {e}",
+                self.coordinator
+            ))
+        })
+    }
+}
+
+/// Runs a worker: serves the `Worker` service, registers with the coordinator (retrying
+/// while it is not up, for up to `coordinator_timeout`), then serves until `shutdown`
+/// resolves (`Ok`) or the coordinator goes silent for `coordinator_timeout`
+/// ([`WorkerError::LostCoordinator`]). A refused registration is an error too. On return
+/// the shard, its thread and its connections are gone.
+pub async fn run_worker(
+    opts: WorkerOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    let endpoint = opts.check()?;
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|source| WorkerError::Listen {
+            addr: opts.listen,
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| WorkerError::Listen {
+            addr: opts.listen,
+            source,
+        })?;
+    info!("worker serving on {addr}");
+
+    let (generation_tx, generation_rx) = watch::channel(None);
+    let service = WorkerService::new(generation_rx, addr.ip(), opts.threads);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let mut server = tokio::spawn(
+        Server::builder()
+            .add_service(
+                WorkerServer::new(service.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = stop_rx.await;
+            }),
+    );
+
+    tokio::pin!(shutdown);
+    let mut server_done = false;
+    let outcome = async {
+        let registered = tokio::select! {
+            r = register(&opts, &endpoint, addr.port()) => r?,
+            _ = &mut shutdown => return Ok(()),
+            r = &mut server => {
+                server_done = true;
+                return server_exit(r);
+            }
+        };
+        info!(
+            worker_id = registered.worker_id,
+            generation = registered.generation,
+            heartbeat_ms = registered.heartbeat_ms,
+            "registered with the coordinator at {}",
+            opts.coordinator
+        );
+        let heartbeat = Duration::from_millis(registered.heartbeat_ms.into());
+        if heartbeat * 2 > opts.coordinator_timeout {
+            warn!(
+                "the coordinator's heartbeat of {heartbeat:?} is close to the coordinator \
+                 timeout of {:?}; the worker may give up on a live coordinator",
+                opts.coordinator_timeout
+            );
+        }
+        service.contact().touch();
+        let _ = generation_tx.send(Some(registered.generation));
+        let tick = (opts.coordinator_timeout / 10)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                r = &mut server => {
+                    server_done = true;
+                    return server_exit(r);
+                }
+                _ = tokio::time::sleep(tick) => {
+                    let silent = service.contact().silence();
+                    if silent >= opts.coordinator_timeout {
+                        return Err(WorkerError::LostCoordinator {
+                            addr: opts.coordinator.clone(),
+                            silent: opts.coordinator_timeout,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    .await;
+
+    let _ = stop_tx.send(());
+    if !server_done
+        && tokio::time::timeout(SERVER_DRAIN, &mut server)
+            .await
+            .is_err()
+    {
+        server.abort();
+    }
+    service.release().await;
+    info!("worker stopped");
+    outcome
+}
+
+fn server_exit(
+    r: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
+) -> Result<(), WorkerError> {
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(e) => Err(WorkerError::ServerStopped(e.to_string())),
+    }
+}
+
+/// Calls `Cluster.Register` until the coordinator answers, backing off while it is not
+/// reachable, for up to `coordinator_timeout`.
+async fn register(
+    opts: &WorkerOptions,
+    endpoint: &Endpoint,
+    port: u16,
+) -> Result<RegisterResponse, WorkerError> {
+    let request = RegisterRequest {
+        port: port.into(),
+        advertise_host: opts.advertise_host.clone().unwrap_or_default(),
+        backend: opts.backend.clone(),
+        threads: opts.threads.min(u32::MAX as usize) as u32,
+        hostname: hostname(),
+    };
+    let started = Instant::now();
+    let deadline = started + opts.coordinator_timeout;
+    let mut backoff = REGISTER_BACKOFF.0;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let attempt = async {
+            let channel = endpoint
+                .connect()
+                .await
+                .map_err(|e| Err(error::chain(&e)))?;
+            ClusterClient::new(channel)
+                .register(request.clone())
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(Ok)
+        };
+        // `Err(Ok(status))`: the coordinator answered; `Err(Err(why))`: it could not be reached.
+        let last_error = match tokio::time::timeout(left, attempt).await {
+            Ok(Ok(registered)) => return Ok(registered),
+            Ok(Err(Ok(s))) if !matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded) => {
+                return Err(WorkerError::RegistrationRefused {
+                    addr: opts.coordinator.clone(),
+                    code: s.code(),
+                    message: s.message().to_string(),
+                });
+            }
+            Ok(Err(Ok(s))) => s.message().to_string(),
+            Ok(Err(Err(why))) => why,
+            Err(_) => "no answer".to_string(),
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(WorkerError::CoordinatorUnreachable {
+                addr: opts.coordinator.clone(),
+                waited: opts.coordinator_timeout,
+                last_error,
+            });
+        }
+        tracing::debug!(
+            "coordinator at {} not reachable yet: {last_error}",
+            opts.coordinator
+        );
+        tokio::time::sleep(backoff.min(left)).await;
+        backoff = (backoff * 2).min(REGISTER_BACKOFF.1);
+    }
+}
+
+/// This machine's name, for the coordinator's logs.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default()
+}

@@ -1,0 +1,113 @@
+//! What an assignment will allocate, checked against this machine's memory before a byte
+//! is read: an assignment that cannot fit fails at `Assign` with a message that says so,
+//! rather than taking the process down at `Load`.
+
+use tessera_model::{ModelConfig, ShardPlan, ShardSpec};
+use tessera_runtime::{KvSpec, ShardOptions};
+
+use crate::error::WorkerError;
+
+/// Bytes of one KV-cache element on the CPU backend (f32).
+const KV_ELEMENT_BYTES: u64 = 4;
+
+/// The KV cache geometry a shard of `spec` allocates with `options`.
+pub fn kv_spec(config: &ModelConfig, spec: &ShardSpec, options: &ShardOptions) -> KvSpec {
+    KvSpec {
+        layers: spec.layers.len(),
+        num_blocks: options.kv_blocks,
+        block_size: options.block_size,
+        heads: spec.heads.len(),
+        head_dim: config.head_dim(),
+    }
+}
+
+/// Bytes the shard's weight matrices and KV cache will take, or `None` past `u64`.
+pub fn shard_bytes(
+    config: &ModelConfig,
+    plan: &ShardPlan,
+    spec: &ShardSpec,
+    options: &ShardOptions,
+) -> Option<u64> {
+    let kv = kv_spec(config, spec, options);
+    let kv_bytes = [
+        2,
+        kv.layers as u64,
+        kv.num_blocks as u64,
+        kv.block_size as u64,
+        kv.heads as u64,
+        kv.head_dim as u64,
+        KV_ELEMENT_BYTES,
+    ]
+    .into_iter()
+    .try_fold(1u64, u64::checked_mul)?;
+    let weight_bytes = plan
+        .worker_params(config, spec)
+        .checked_mul(options.dtype.size_bytes() as u64)?;
+    kv_bytes.checked_add(weight_bytes)
+}
+
+/// Refuses an assignment whose shard needs more than this machine's memory (or more
+/// than `u64` can count). Where the total is unknown, only the overflow is checked.
+pub fn check_fits(
+    config: &ModelConfig,
+    plan: &ShardPlan,
+    spec: &ShardSpec,
+    options: &ShardOptions,
+) -> Result<(), WorkerError> {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let needed = shard_bytes(config, plan, spec, options).ok_or_else(|| {
+        WorkerError::OutOfMemory("the shard's weights and KV cache overflow 2^64 bytes".into())
+    })?;
+    match host_memory_bytes() {
+        Some(total) if needed > total => Err(WorkerError::OutOfMemory(format!(
+            "the shard needs {:.2} GiB for weights and KV cache ({} KV blocks of {} tokens); \
+             this machine has {:.2} GiB",
+            gib(needed),
+            options.kv_blocks,
+            options.block_size,
+            gib(total)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `MemTotal` of `/proc/meminfo`, where there is one.
+fn host_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_runtime::WeightDtype;
+
+    #[test]
+    fn a_small_shard_fits_and_an_absurd_cache_does_not() {
+        let config = ModelConfig::preset("gpt2-tiny").unwrap();
+        let plan = ShardPlan::new(&config, 2, 1).unwrap();
+        let spec = plan.shard(0, 1).clone();
+        let small = ShardOptions {
+            dtype: WeightDtype::F32,
+            kv_blocks: 16,
+            block_size: 8,
+        };
+        check_fits(&config, &plan, &spec, &small).unwrap();
+        // 4 layers · 16 blocks · 8 tokens · 4 heads · 32 · 2 (K and V) · 4 bytes.
+        let kv = 4 * 16 * 8 * 4 * 32 * 2 * 4;
+        let weights = plan.worker_params(&config, &spec) * 4;
+        assert_eq!(
+            shard_bytes(&config, &plan, &spec, &small),
+            Some(kv + weights)
+        );
+        let absurd = ShardOptions {
+            kv_blocks: u32::MAX as usize,
+            block_size: u32::MAX as usize,
+            ..small
+        };
+        let e = check_fits(&config, &plan, &spec, &absurd).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    }
+}

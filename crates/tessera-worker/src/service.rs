@@ -1,0 +1,667 @@
+//! The `Worker` gRPC service: a state machine over one shard.
+//!
+//! ```text
+//!   Idle ──Assign──▶ Assigned ──OpenCollectives──▶ Connected ──Load──▶ Ready ──Step…
+//!    ▲                  │ (connecting)                │ (loading)        │
+//!    └──── Release ◀────┴────────── Failed(message) ◀─┴──────────────────┘
+//! ```
+//!
+//! `Release` returns to `Idle` from any state. A bring-up call that fails, or a step that
+//! breaks the shard (a peer gone, a backend failure), leaves the worker `Failed` with the
+//! reason until `Release`; a step that is merely invalid is refused and the worker stays
+//! `Ready`. The slow transitions (connecting, loading) release the state lock while they
+//! wait, so `Health` answers throughout; they report as the state they leave
+//! (`Assigned`, `Connected`), and an epoch, bumped by every `Assign` and `Release`,
+//! keeps a transition that finishes after a `Release` from touching the new state.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tessera_model::{ModelConfig, ShardPlan};
+use tessera_proto::worker::v1 as pb;
+use tessera_proto::worker::v1::model_spec::Weights;
+use tessera_runtime::{ShardComms, ShardOptions, WeightDtype};
+use tokio::sync::{watch, Mutex};
+use tonic::{Request, Response, Status};
+use tracing::{info, instrument, warn};
+
+use crate::collectives::{self, Listeners, Peers};
+use crate::convert;
+use crate::error::WorkerError;
+use crate::memory;
+use crate::shard_thread::{LoadSpec, ShardThread, WeightsSpec};
+
+/// Most tokens a KV block may hold; far above any useful block.
+const MAX_BLOCK_TOKENS: u32 = 1 << 16;
+/// How long a call that arrives before this worker's `Register` has returned waits for
+/// it (the coordinator may call as soon as it has answered).
+const REGISTRATION_WAIT: Duration = Duration::from_secs(5);
+
+/// When the coordinator was last heard from. A call in progress counts as contact: the
+/// coordinator is waiting on it (a long `Load`, a long prefill) and has no reason to poll.
+#[derive(Debug)]
+pub(crate) struct Contact {
+    origin: Instant,
+    last_ms: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+/// Marks a call in progress while it lives.
+pub(crate) struct InFlight<'a>(&'a Contact);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Contact {
+    fn new() -> Self {
+        Contact {
+            origin: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    /// Records contact now.
+    pub(crate) fn touch(&self) {
+        let now = self.origin.elapsed().as_millis() as u64;
+        self.last_ms.fetch_max(now, Ordering::SeqCst);
+    }
+
+    fn call(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.touch();
+        InFlight(self)
+    }
+
+    /// Time since the last contact; zero while a call is in progress.
+    pub(crate) fn silence(&self) -> Duration {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return Duration::ZERO;
+        }
+        let now = self.origin.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::SeqCst)))
+    }
+}
+
+/// The shard this worker was assigned, as validated at `Assign`.
+#[derive(Debug, Clone)]
+struct Assignment {
+    load: LoadSpec,
+    tp: usize,
+    pp: usize,
+    /// New tokens one step may carry: the KV cache's capacity.
+    max_step_tokens: usize,
+}
+
+struct ReadyShard {
+    assignment: Assignment,
+    shard: ShardThread,
+    /// The id of the last step accepted; the next must follow it.
+    last_step: Option<u64>,
+    /// Steps run since load.
+    steps: u64,
+}
+
+enum State {
+    Idle,
+    Assigned(Assignment, Listeners),
+    Connecting,
+    Connected(Assignment, ShardComms),
+    Loading(Assignment, ShardThread),
+    Ready(ReadyShard),
+    Failed {
+        message: String,
+        /// A shard thread, held only to be joined at `Release`.
+        _shard: Option<ShardThread>,
+    },
+}
+
+impl State {
+    fn name(&self) -> String {
+        match self {
+            State::Idle => "idle".into(),
+            State::Assigned(..) => "assigned".into(),
+            State::Connecting => "assigned (opening its collectives)".into(),
+            State::Connected(..) => "connected".into(),
+            State::Loading(..) => "connected (loading)".into(),
+            State::Ready(..) => "ready".into(),
+            State::Failed { message, .. } => format!("failed ({message})"),
+        }
+    }
+
+    fn proto(&self) -> pb::WorkerState {
+        match self {
+            State::Idle => pb::WorkerState::Idle,
+            State::Assigned(..) | State::Connecting => pb::WorkerState::Assigned,
+            State::Connected(..) | State::Loading(..) => pb::WorkerState::Connected,
+            State::Ready(..) => pb::WorkerState::Ready,
+            State::Failed { .. } => pb::WorkerState::Failed,
+        }
+    }
+}
+
+struct Machine {
+    epoch: u64,
+    state: State,
+}
+
+impl Machine {
+    fn wrong_state(&self, rpc: &'static str) -> WorkerError {
+        WorkerError::WrongState {
+            rpc,
+            state: self.state.name(),
+        }
+    }
+
+    /// Moves to `Failed`, keeping a shard thread (if any) to join at `Release`.
+    fn fail(&mut self, message: String, shard: Option<ShardThread>) {
+        warn!("worker failed: {message}");
+        let shard = shard.map(|mut s| {
+            s.close();
+            s
+        });
+        self.state = State::Failed {
+            message,
+            _shard: shard,
+        };
+    }
+}
+
+/// The `Worker` service. Cloning shares the state.
+#[derive(Clone)]
+pub(crate) struct WorkerService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// This worker's generation, once `Register` has returned.
+    generation: watch::Receiver<Option<u64>>,
+    contact: Contact,
+    machine: Mutex<Machine>,
+    /// The gRPC listener's IP; the collective listeners bind on it too.
+    bind_ip: IpAddr,
+    /// Kernel threads of the shard's backend.
+    threads: usize,
+}
+
+impl WorkerService {
+    /// A service that accepts calls carrying the generation `generation` will hold.
+    pub(crate) fn new(
+        generation: watch::Receiver<Option<u64>>,
+        bind_ip: IpAddr,
+        threads: usize,
+    ) -> Self {
+        WorkerService {
+            inner: Arc::new(Inner {
+                generation,
+                contact: Contact::new(),
+                machine: Mutex::new(Machine {
+                    epoch: 0,
+                    state: State::Idle,
+                }),
+                bind_ip,
+                threads,
+            }),
+        }
+    }
+
+    /// When the coordinator was last heard from.
+    pub(crate) fn contact(&self) -> &Contact {
+        &self.inner.contact
+    }
+
+    /// Drops the shard and its connections, joining the shard thread.
+    pub(crate) async fn release(&self) {
+        let mut m = self.inner.machine.lock().await;
+        let old = std::mem::replace(&mut m.state, State::Idle);
+        m.epoch += 1;
+        // Joining waits for the steps already sent, which a broken collective bounds.
+        let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+    }
+
+    /// Admits a call that carries this worker's generation, counting it as contact with
+    /// the coordinator while it runs; refuses any other.
+    async fn admit(&self, generation: u64) -> Result<InFlight<'_>, WorkerError> {
+        self.check_generation(generation).await?;
+        Ok(self.inner.contact.call())
+    }
+
+    /// Refuses a call that does not carry this worker's generation.
+    async fn check_generation(&self, got: u64) -> Result<(), WorkerError> {
+        let mut rx = self.inner.generation.clone();
+        let expected =
+            match tokio::time::timeout(REGISTRATION_WAIT, rx.wait_for(Option::is_some)).await {
+                Ok(Ok(g)) => g.expect("waited for Some"),
+                _ => return Err(WorkerError::NotRegistered),
+            };
+        if got != expected {
+            return Err(WorkerError::StaleGeneration { got, expected });
+        }
+        Ok(())
+    }
+
+    async fn assign_shard(
+        &self,
+        req: pb::AssignRequest,
+    ) -> Result<pb::AssignResponse, WorkerError> {
+        let mut m = self.inner.machine.lock().await;
+        if !matches!(m.state, State::Idle) {
+            return Err(m.wrong_state("Assign"));
+        }
+        let assignment = validate_assignment(&req, self.inner.threads)?;
+        let spec = &assignment.load.spec;
+        let listeners = Listeners::bind(self.inner.bind_ip, spec.stage, assignment.pp)?;
+        let response = pb::AssignResponse {
+            tp_port: listeners.tp_port()?.into(),
+            prev_port: listeners.prev_port()?.into(),
+        };
+        info!(
+            model = %assignment.load.config.name,
+            stage = spec.stage,
+            tp_rank = spec.tp_rank,
+            tp = assignment.tp,
+            pp = assignment.pp,
+            tp_port = response.tp_port,
+            prev_port = response.prev_port,
+            "assigned"
+        );
+        m.epoch += 1;
+        m.state = State::Assigned(assignment, listeners);
+        Ok(response)
+    }
+
+    async fn open_groups(
+        &self,
+        req: pb::OpenCollectivesRequest,
+    ) -> Result<pb::OpenCollectivesResponse, WorkerError> {
+        let (assigned, epoch) = {
+            let m = self.inner.machine.lock().await;
+            match &m.state {
+                State::Assigned(a, _) => (a.clone(), m.epoch),
+                _ => return Err(m.wrong_state("OpenCollectives")),
+            }
+        };
+        let peers = validate_peers(&req, &assigned).await?;
+        let (assignment, listeners) = {
+            let mut m = self.inner.machine.lock().await;
+            if m.epoch != epoch {
+                return Err(m.wrong_state("OpenCollectives"));
+            }
+            match std::mem::replace(&mut m.state, State::Idle) {
+                State::Assigned(a, l) => {
+                    m.state = State::Connecting;
+                    (a, l)
+                }
+                other => {
+                    m.state = other;
+                    return Err(m.wrong_state("OpenCollectives"));
+                }
+            }
+        };
+        let started = Instant::now();
+        let connected =
+            tokio::task::spawn_blocking(move || collectives::connect(listeners, &peers))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(WorkerError::ShardFailed(format!(
+                        "opening the collectives panicked: {e}"
+                    )))
+                });
+        let mut m = self.inner.machine.lock().await;
+        if m.epoch != epoch || !matches!(m.state, State::Connecting) {
+            return Err(WorkerError::WrongState {
+                rpc: "OpenCollectives",
+                state: "released while connecting".into(),
+            });
+        }
+        match connected {
+            Ok(comms) => {
+                info!(
+                    ms = started.elapsed().as_millis() as u64,
+                    "collectives open"
+                );
+                m.state = State::Connected(assignment, comms);
+                Ok(pb::OpenCollectivesResponse {})
+            }
+            Err(e) => {
+                m.fail(format!("opening the collectives: {e}"), None);
+                Err(e)
+            }
+        }
+    }
+
+    async fn load_shard(&self) -> Result<pb::LoadResponse, WorkerError> {
+        let started = Instant::now();
+        let (loaded, epoch) = {
+            let mut m = self.inner.machine.lock().await;
+            let (assignment, comms) = match std::mem::replace(&mut m.state, State::Idle) {
+                State::Connected(a, c) => (a, c),
+                other => {
+                    m.state = other;
+                    return Err(m.wrong_state("Load"));
+                }
+            };
+            match ShardThread::spawn(assignment.load.clone(), comms) {
+                Ok((shard, loaded)) => {
+                    m.state = State::Loading(assignment, shard);
+                    (loaded, m.epoch)
+                }
+                Err(e) => {
+                    m.fail(e.to_string(), None);
+                    return Err(e);
+                }
+            }
+        };
+        let outcome = loaded.await.unwrap_or_else(|_| {
+            Err(WorkerError::ShardFailed(
+                "the shard thread stopped while loading".into(),
+            ))
+        });
+        let mut m = self.inner.machine.lock().await;
+        if m.epoch != epoch || !matches!(m.state, State::Loading(..)) {
+            return Err(WorkerError::WrongState {
+                rpc: "Load",
+                state: "released while loading".into(),
+            });
+        }
+        let State::Loading(assignment, shard) = std::mem::replace(&mut m.state, State::Idle) else {
+            unreachable!("checked above");
+        };
+        match outcome {
+            Ok(loaded) => {
+                let load_ms = started.elapsed().as_millis().min(u32::MAX as u128) as u32;
+                info!(weight_bytes = loaded.weight_bytes, load_ms, "shard loaded");
+                m.state = State::Ready(ReadyShard {
+                    assignment,
+                    shard,
+                    last_step: None,
+                    steps: 0,
+                });
+                Ok(pb::LoadResponse {
+                    weight_bytes: loaded.weight_bytes as u64,
+                    load_ms,
+                })
+            }
+            Err(e) => {
+                m.fail(format!("loading: {e}"), Some(shard));
+                Err(e)
+            }
+        }
+    }
+
+    async fn run_step(&self, req: pb::StepRequest) -> Result<pb::StepResponse, WorkerError> {
+        let (answer, epoch) = {
+            let mut m = self.inner.machine.lock().await;
+            let epoch = m.epoch;
+            let State::Ready(ready) = &mut m.state else {
+                return Err(m.wrong_state("Step"));
+            };
+            if let Some(last) = ready.last_step {
+                match last.checked_add(1) {
+                    Some(next) if next == req.step_id => {}
+                    _ => {
+                        return Err(WorkerError::StepOutOfOrder {
+                            got: req.step_id,
+                            expected: last.wrapping_add(1),
+                        })
+                    }
+                }
+            }
+            // The id is spent whatever becomes of the step, so every worker of the
+            // cluster, seeing the same request, expects the same next id.
+            ready.last_step = Some(req.step_id);
+            let step = convert::step_request(req, ready.assignment.max_step_tokens)?;
+            match ready.shard.submit(step) {
+                Ok(answer) => (answer, epoch),
+                Err(e) => {
+                    let State::Ready(ready) = std::mem::replace(&mut m.state, State::Idle) else {
+                        unreachable!("matched above");
+                    };
+                    m.fail(e.to_string(), Some(ready.shard));
+                    return Err(e);
+                }
+            }
+        };
+        let reply = answer.await.unwrap_or_else(|_| {
+            Err(WorkerError::ShardFailed(
+                "the shard thread stopped during the step".into(),
+            ))
+        });
+        match reply {
+            Ok((output, elapsed)) => {
+                let mut m = self.inner.machine.lock().await;
+                if m.epoch == epoch {
+                    if let State::Ready(ready) = &mut m.state {
+                        ready.steps += 1;
+                    }
+                }
+                let compute_us = elapsed.as_micros().min(u64::MAX as u128) as u64;
+                Ok(convert::step_response(output, compute_us))
+            }
+            Err(e) if e.is_request_error() => Err(e),
+            Err(e) => {
+                let message = e.to_string();
+                let mut m = self.inner.machine.lock().await;
+                if m.epoch == epoch && matches!(m.state, State::Ready(_)) {
+                    let State::Ready(ready) = std::mem::replace(&mut m.state, State::Idle) else {
+                        unreachable!("matched above");
+                    };
+                    m.fail(message.clone(), Some(ready.shard));
+                }
+                Err(match e {
+                    WorkerError::ShardFailed(_) => e,
+                    _ => WorkerError::ShardFailed(message),
+                })
+            }
+        }
+    }
+
+    async fn report_health(&self) -> Result<pb::HealthResponse, WorkerError> {
+        let m = self.inner.machine.lock().await;
+        let (message, steps) = match &m.state {
+            State::Failed { message, .. } => (message.clone(), 0),
+            State::Ready(r) => (String::new(), r.steps),
+            _ => (String::new(), 0),
+        };
+        Ok(pb::HealthResponse {
+            state: m.state.proto().into(),
+            message,
+            steps,
+        })
+    }
+}
+
+/// Checks an `Assign` request field by field; the error names the first bad one.
+fn validate_assignment(req: &pb::AssignRequest, threads: usize) -> Result<Assignment, WorkerError> {
+    let model = req
+        .model
+        .as_ref()
+        .ok_or_else(|| WorkerError::invalid("model", "missing"))?;
+    let config: ModelConfig = convert::model_config(
+        model
+            .config
+            .as_ref()
+            .ok_or_else(|| WorkerError::invalid("model.config", "missing"))?,
+        "model.config",
+    )?;
+    let weights = match &model.weights {
+        Some(Weights::CheckpointDir(dir)) if dir.is_empty() => {
+            return Err(WorkerError::invalid("model.checkpoint_dir", "empty path"))
+        }
+        Some(Weights::CheckpointDir(dir)) => WeightsSpec::Checkpoint(dir.into()),
+        Some(Weights::SyntheticSeed(seed)) => WeightsSpec::Synthetic(*seed),
+        None => {
+            return Err(WorkerError::invalid(
+                "model.weights",
+                "neither checkpoint_dir nor synthetic_seed is set",
+            ))
+        }
+    };
+    let dtype: WeightDtype = model
+        .dtype
+        .parse()
+        .map_err(|e: String| WorkerError::invalid("model.dtype", e))?;
+    let (tp, pp) = (req.tp as usize, req.pp as usize);
+    if tp == 0 {
+        return Err(WorkerError::invalid("tp", "must be at least 1"));
+    }
+    if pp == 0 {
+        return Err(WorkerError::invalid("pp", "must be at least 1"));
+    }
+    if req.stage >= req.pp {
+        return Err(WorkerError::invalid(
+            "stage",
+            format!("{} is not below pp = {}", req.stage, req.pp),
+        ));
+    }
+    if req.tp_rank >= req.tp {
+        return Err(WorkerError::invalid(
+            "tp_rank",
+            format!("{} is not below tp = {}", req.tp_rank, req.tp),
+        ));
+    }
+    if req.kv_blocks == 0 {
+        return Err(WorkerError::invalid("kv_blocks", "must be at least 1"));
+    }
+    if req.kv_block_tokens == 0 || req.kv_block_tokens > MAX_BLOCK_TOKENS {
+        return Err(WorkerError::invalid(
+            "kv_block_tokens",
+            format!("{} is not in 1..={MAX_BLOCK_TOKENS}", req.kv_block_tokens),
+        ));
+    }
+    let plan = ShardPlan::new(&config, tp, pp)
+        .map_err(|e| WorkerError::invalid("tp × pp", e.to_string()))?;
+    let spec = plan.shard(req.stage as usize, req.tp_rank as usize).clone();
+    let options = ShardOptions {
+        dtype,
+        kv_blocks: req.kv_blocks as usize,
+        block_size: req.kv_block_tokens as usize,
+    };
+    memory::check_fits(&config, &plan, &spec, &options)?;
+    let max_step_tokens = options.kv_blocks.saturating_mul(options.block_size);
+    Ok(Assignment {
+        load: LoadSpec {
+            config,
+            spec,
+            weights,
+            options,
+            threads,
+        },
+        tp,
+        pp,
+        max_step_tokens,
+    })
+}
+
+/// Checks an `OpenCollectives` request against the assignment and resolves its addresses.
+async fn validate_peers(
+    req: &pb::OpenCollectivesRequest,
+    assigned: &Assignment,
+) -> Result<Peers, WorkerError> {
+    let (tp, pp, stage) = (assigned.tp, assigned.pp, assigned.load.spec.stage);
+    if req.tp_peers.len() != tp {
+        return Err(WorkerError::invalid(
+            "tp_peers",
+            format!("{} addresses for a TP group of {tp}", req.tp_peers.len()),
+        ));
+    }
+    let token: [u8; 16] = req.token.as_slice().try_into().map_err(|_| {
+        WorkerError::invalid("token", format!("{} bytes; it must be 16", req.token.len()))
+    })?;
+    if req.timeout_ms == 0 {
+        return Err(WorkerError::invalid("timeout_ms", "must be at least 1"));
+    }
+    let last_stage = stage + 1 == pp;
+    let next_stage = match (last_stage, req.next_stage.is_empty()) {
+        (true, true) => None,
+        (false, false) => Some(collectives::resolve("next_stage", &req.next_stage).await?),
+        (true, false) => {
+            return Err(WorkerError::invalid(
+                "next_stage",
+                format!("set on the last stage ({stage} of pp = {pp})"),
+            ))
+        }
+        (false, true) => {
+            return Err(WorkerError::invalid(
+                "next_stage",
+                format!("missing on stage {stage} of pp = {pp}"),
+            ))
+        }
+    };
+    let mut peers = Vec::with_capacity(tp);
+    for (rank, e) in req.tp_peers.iter().enumerate() {
+        peers.push(collectives::resolve(&format!("tp_peers[{rank}]"), &e.address).await?);
+    }
+    Ok(Peers {
+        tp_rank: assigned.load.spec.tp_rank,
+        tp: peers,
+        next_stage,
+        token,
+        timeout: Duration::from_millis(req.timeout_ms.into()),
+    })
+}
+
+#[tonic::async_trait]
+impl pb::worker_server::Worker for WorkerService {
+    #[instrument(skip_all, fields(stage = req.get_ref().stage, tp_rank = req.get_ref().tp_rank))]
+    async fn assign(
+        &self,
+        req: Request<pb::AssignRequest>,
+    ) -> Result<Response<pb::AssignResponse>, Status> {
+        let _call = self.admit(req.get_ref().generation).await?;
+        Ok(Response::new(self.assign_shard(req.into_inner()).await?))
+    }
+
+    #[instrument(skip_all)]
+    async fn open_collectives(
+        &self,
+        req: Request<pb::OpenCollectivesRequest>,
+    ) -> Result<Response<pb::OpenCollectivesResponse>, Status> {
+        let _call = self.admit(req.get_ref().generation).await?;
+        Ok(Response::new(self.open_groups(req.into_inner()).await?))
+    }
+
+    #[instrument(skip_all)]
+    async fn load(
+        &self,
+        req: Request<pb::LoadRequest>,
+    ) -> Result<Response<pb::LoadResponse>, Status> {
+        let _call = self.admit(req.get_ref().generation).await?;
+        Ok(Response::new(self.load_shard().await?))
+    }
+
+    #[instrument(skip_all, fields(step_id = req.get_ref().step_id))]
+    async fn step(
+        &self,
+        req: Request<pb::StepRequest>,
+    ) -> Result<Response<pb::StepResponse>, Status> {
+        let _call = self.admit(req.get_ref().generation).await?;
+        Ok(Response::new(self.run_step(req.into_inner()).await?))
+    }
+
+    #[instrument(skip_all)]
+    async fn release(
+        &self,
+        req: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let _call = self.admit(req.get_ref().generation).await?;
+        self.release().await;
+        info!("released");
+        Ok(Response::new(pb::ReleaseResponse {}))
+    }
+
+    #[instrument(skip_all, level = "debug")]
+    async fn health(
+        &self,
+        req: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        let _call = self.admit(req.get_ref().generation).await?;
+        Ok(Response::new(self.report_health().await?))
+    }
+}

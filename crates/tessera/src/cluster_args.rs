@@ -1,0 +1,106 @@
+//! Flags shared by `tessera coordinator` and `tessera serve`: the model, the split and
+//! the scheduler's limits. Unset flags leave the config file's value or the default.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use tessera_coordinator::{CoordinatorConfig, ModelSource};
+
+/// The model and the cluster's shape.
+#[derive(Debug, Clone, Args)]
+pub struct ClusterArgs {
+    /// Hugging Face GPT-2 checkpoint directory, at the same path on every worker.
+    #[arg(long, value_name = "DIR", conflicts_with = "preset")]
+    pub model: Option<PathBuf>,
+    /// A preset served with synthetic weights (see `tessera model list`).
+    #[arg(long, value_name = "NAME")]
+    pub preset: Option<String>,
+    /// Seed of a preset's synthetic weights.
+    #[arg(long, value_name = "S")]
+    pub synth_seed: Option<u64>,
+    /// Storage dtype of the weight matrices: f32 or bf16 (compute is f32 on the CPU).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Tensor-parallel ranks per stage: must divide the attention heads and 4·d.
+    #[arg(long)]
+    pub tp: Option<usize>,
+    /// Pipeline stages: at most the number of layers.
+    #[arg(long)]
+    pub pp: Option<usize>,
+    /// Tokens per KV-cache block.
+    #[arg(long, value_name = "N")]
+    pub kv_block_tokens: Option<usize>,
+    /// KV-cache bytes on each worker (default 512 MiB); the block count follows from it.
+    #[arg(long, value_name = "BYTES")]
+    pub kv_cache_bytes: Option<u64>,
+    /// Sequences in one step at most.
+    #[arg(long, value_name = "N")]
+    pub max_batch_seqs: Option<usize>,
+    /// New tokens in one step at most (prompts and decodes together).
+    #[arg(long, value_name = "N")]
+    pub max_batch_tokens: Option<usize>,
+    /// Requests waiting for the batch at most; beyond it they get RESOURCE_EXHAUSTED.
+    #[arg(long, value_name = "N")]
+    pub max_queued: Option<usize>,
+    /// Milliseconds a worker may go without answering a health check before it is
+    /// declared failed (default 5000).
+    #[arg(long, value_name = "MS")]
+    pub worker_timeout_ms: Option<u64>,
+}
+
+impl ClusterArgs {
+    /// The model these flags name, if they name one.
+    pub fn model_source(&self) -> Option<ModelSource> {
+        if let Some(dir) = &self.model {
+            return Some(ModelSource::Checkpoint(dir.clone()));
+        }
+        self.preset.as_ref().map(|p| ModelSource::Synthetic {
+            preset: p.clone(),
+            seed: self.synth_seed.unwrap_or(0),
+        })
+    }
+
+    /// Applies every flag that was given on top of `c`.
+    pub fn apply(&self, c: &mut CoordinatorConfig) -> Result<()> {
+        if let Some(m) = self.model_source() {
+            c.model = m;
+        } else if let Some(seed) = self.synth_seed {
+            match &mut c.model {
+                ModelSource::Synthetic { seed: s, .. } => *s = seed,
+                ModelSource::Checkpoint(_) => {
+                    bail!("--synth-seed applies to a preset, not to a checkpoint")
+                }
+            }
+        }
+        if let Some(v) = &self.dtype {
+            c.dtype = v.clone();
+        }
+        if let Some(v) = self.tp {
+            c.tp = v;
+        }
+        if let Some(v) = self.pp {
+            c.pp = v;
+        }
+        if let Some(v) = self.kv_block_tokens {
+            c.kv_block_tokens = v;
+        }
+        if let Some(v) = self.kv_cache_bytes {
+            c.kv_cache_bytes = v;
+        }
+        if let Some(v) = self.max_batch_seqs {
+            c.max_batch_seqs = v;
+        }
+        if let Some(v) = self.max_batch_tokens {
+            c.max_batch_tokens = v;
+        }
+        if let Some(v) = self.max_queued {
+            c.max_queued = v;
+        }
+        if let Some(v) = self.worker_timeout_ms {
+            c.worker_timeout = Duration::from_millis(v);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,216 @@
+//! `tessera serve`: a whole cluster on this machine — a coordinator in this process and
+//! one worker process per shard — serving until Ctrl-C.
+//!
+//! No worker outlives it: each is started with the parent-death signal set to SIGKILL
+//! (so even a SIGKILL of `serve` takes the workers down), and on Ctrl-C or SIGTERM they
+//! are stopped before `serve` exits.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use tessera_coordinator::{ClusterState, Coordinator, CoordinatorConfig, ModelSource};
+use tracing::{info, warn};
+
+use crate::cluster_args::ClusterArgs;
+
+/// The model `tessera serve` runs with no flags: small enough for any laptop.
+pub const DEFAULT_PRESET: &str = "gpt2-tiny";
+
+/// Arguments of `tessera serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Address of the gRPC API.
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:50051")]
+    pub listen: String,
+    /// Kernel threads in all, split evenly over the workers (default: every core).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+/// The config `serve` runs: TP=2 over the default preset unless told otherwise.
+pub fn config(args: &ServeArgs) -> Result<CoordinatorConfig> {
+    let mut c = CoordinatorConfig::new(ModelSource::Synthetic {
+        preset: DEFAULT_PRESET.into(),
+        seed: 0,
+    });
+    c.tp = 2;
+    args.cluster.apply(&mut c)?;
+    c.listen = args.listen.clone();
+    c.register_timeout = Duration::from_secs(60);
+    c.validate()?;
+    Ok(c)
+}
+
+/// Worker processes that are killed when this value is dropped.
+struct Workers {
+    children: Vec<Child>,
+}
+
+impl Workers {
+    fn spawn(n: usize, coordinator: &str, threads: usize) -> Result<Workers> {
+        let exe = std::env::current_exe().context("cannot find the tessera executable")?;
+        let mut workers = Workers {
+            children: Vec::with_capacity(n),
+        };
+        for _ in 0..n {
+            let mut cmd = Command::new(&exe);
+            cmd.args(["worker", "--coordinator", coordinator])
+                .args(["--listen", "127.0.0.1:0"])
+                .args(["--threads", &threads.to_string()])
+                .stdin(Stdio::null());
+            #[cfg(target_os = "linux")]
+            {
+                use std::os::unix::process::CommandExt;
+                let parent = std::process::id() as libc::pid_t;
+                // SAFETY: runs in the forked child before exec and only makes
+                // async-signal-safe system calls (prctl, getppid, _exit).
+                unsafe {
+                    cmd.pre_exec(move || {
+                        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        // The parent may have died before the signal was armed.
+                        if libc::getppid() != parent {
+                            libc::_exit(1);
+                        }
+                        Ok(())
+                    });
+                }
+            }
+            let child = cmd.spawn().context("cannot start a worker process")?;
+            workers.children.push(child);
+        }
+        Ok(workers)
+    }
+
+    /// The first worker that has exited, with its status.
+    fn exited(&mut self) -> Option<(u32, std::process::ExitStatus)> {
+        self.children.iter_mut().find_map(|c| match c.try_wait() {
+            Ok(Some(status)) => Some((c.id(), status)),
+            _ => None,
+        })
+    }
+
+    /// SIGTERM, a grace period, then SIGKILL; waits for every worker.
+    fn stop(&mut self, grace: Duration) {
+        for c in &self.children {
+            // SAFETY: sending a signal to our own child, which we have not yet reaped.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + grace;
+        for c in &mut self.children {
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() >= deadline => {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+        self.children.clear();
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(2));
+    }
+}
+
+pub fn serve(args: ServeArgs) -> Result<()> {
+    let config = config(&args)?;
+    let world = config.tp * config.pp;
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    let per_worker = (threads / world).max(1);
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    // Workers are spawned from this (the main) thread: the parent-death signal fires when
+    // the thread that forked a child exits, and the main thread lives as long as we do.
+    let coordinator = runtime.block_on(Coordinator::start(config.clone()))?;
+    let addr = coordinator.local_addr();
+    let dial = if addr.ip().is_unspecified() {
+        format!("127.0.0.1:{}", addr.port())
+    } else {
+        addr.to_string()
+    };
+    let mut workers = Workers::spawn(world, &dial, per_worker)?;
+    let stop = coordinator.stopper();
+    let mut state = coordinator.state();
+
+    let outcome: Result<()> = runtime.block_on(async {
+        // Bring-up: ends when serving, when it fails, or when a worker process dies.
+        loop {
+            let s = state.borrow_and_update().clone();
+            match s {
+                ClusterState::Serving => break,
+                ClusterState::Failed(msg) => bail!("the cluster did not start: {msg}"),
+                ClusterState::Stopping => bail!("stopped during start-up"),
+                ClusterState::Starting(_) => {}
+            }
+            if let Some((pid, status)) = workers.exited() {
+                bail!("worker process {pid} exited during start-up ({status})");
+            }
+            tokio::select! {
+                _ = state.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = crate::signals::shutdown() => bail!("interrupted during start-up"),
+            }
+        }
+        println!(
+            "Tessera is serving {} (tp={} pp={}, {} worker processes) on {dial}",
+            describe(&config.model),
+            config.tp,
+            config.pp,
+            world
+        );
+        println!("  gRPC API: {dial} (tessera.v1.Generation, grpc.health.v1, reflection)");
+        println!("  try:      tessera generate --endpoint {dial} --prompt \"The cluster\" --stream");
+        println!("Ctrl-C stops the cluster.");
+        let mut reported = false;
+        loop {
+            tokio::select! {
+                _ = crate::signals::shutdown() => {
+                    info!("shutting down");
+                    return Ok(());
+                }
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if !reported {
+                        if let Some((pid, status)) = workers.exited() {
+                            warn!("worker process {pid} exited ({status}); the cluster stops serving");
+                            reported = true;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    let _ = stop.send(true);
+    let _ = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), coordinator.wait()).await });
+    workers.stop(Duration::from_secs(3));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    outcome
+}
+
+fn describe(m: &ModelSource) -> String {
+    match m {
+        ModelSource::Checkpoint(dir) => dir.display().to_string(),
+        ModelSource::Synthetic { preset, seed } => {
+            format!("{preset} (synthetic weights, seed {seed})")
+        }
+    }
+}

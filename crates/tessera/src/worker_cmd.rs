@@ -1,0 +1,82 @@
+//! `tessera worker`: one worker process of a cluster; it registers with the coordinator,
+//! which then assigns it a shard.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tessera_worker::{run_worker, WorkerOptions};
+
+/// Flags of `tessera worker`.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// The coordinator's cluster address (host:port) to register with.
+    #[arg(long, value_name = "ADDR")]
+    pub coordinator: String,
+    /// Address the worker's gRPC service listens on; port 0 picks a free port. Collective
+    /// connections listen on the same IP.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:0")]
+    pub listen: SocketAddr,
+    /// Host name or IP the coordinator and the other workers should dial to reach this
+    /// worker (default: the address the coordinator sees the registration come from).
+    #[arg(long, value_name = "HOST")]
+    pub advertise_host: Option<String>,
+    /// Compute backend of the shard; only `cpu` is available in this build.
+    #[arg(long, value_name = "BACKEND", default_value = "cpu")]
+    pub backend: String,
+    /// Kernel threads of the shard (default: every core of this machine).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Seconds to keep trying to reach the coordinator at start-up, and seconds of
+    /// silence from it after which the worker gives up and exits.
+    #[arg(long, value_name = "SECS", default_value_t = 15)]
+    pub coordinator_timeout: u64,
+}
+
+/// Runs the worker until Ctrl-C or SIGTERM, or until it loses its coordinator.
+pub fn worker(args: WorkerArgs) -> Result<()> {
+    let defaults = WorkerOptions::new(args.coordinator.clone());
+    let opts = WorkerOptions {
+        listen: args.listen,
+        advertise_host: args.advertise_host,
+        backend: args.backend,
+        threads: args.threads.unwrap_or(defaults.threads),
+        coordinator_timeout: Duration::from_secs(args.coordinator_timeout),
+        ..defaults
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("worker-rpc")
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(run_worker(opts, shutdown_signal()));
+    // A collective still forming when the worker stops gives up at its own timeout; do
+    // not wait that long to exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(result?)
+}
+
+/// Resolves on Ctrl-C or, on Unix, SIGTERM (what `kill` and container runtimes send).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("Ctrl-C: stopping"),
+        _ = terminate => tracing::info!("SIGTERM: stopping"),
+    }
+}

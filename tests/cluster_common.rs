@@ -1,0 +1,264 @@
+//! Real clusters for the integration tests: `tessera serve`, or a coordinator and worker
+//! processes started one by one, on 127.0.0.1 (or in network namespaces). Every process
+//! is killed when its handle drops, so a failing test leaves nothing behind.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The `tessera` binary under test.
+pub fn tessera() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tessera"));
+    c.env("RUST_LOG", "warn").stdin(Stdio::null());
+    c
+}
+
+/// A fixture directory.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Proc(pub Child);
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe {
+            libc::kill(self.0.id() as libc::pid_t, sig);
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = self.0.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether a process id is alive (a zombie counts as gone).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The state follows the parenthesised command name.
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|s| s.split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X") | None)
+        }
+        Err(_) => false,
+    }
+}
+
+/// Children of a process.
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+/// Reads lines of `stream` on a thread until one satisfies `find`, for up to `timeout`.
+/// Returns the first capture, and keeps draining the stream afterwards.
+fn watch_lines(
+    stream: impl std::io::Read + Send + 'static,
+    find: impl Fn(&str) -> Option<String> + Send + 'static,
+    timeout: Duration,
+) -> Result<String, String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = String::new();
+        let mut found = false;
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if !found {
+                if let Some(v) = find(&line) {
+                    found = true;
+                    let _ = tx.send(Ok(v));
+                } else {
+                    seen.push_str(&line);
+                    seen.push('\n');
+                }
+            }
+        }
+        if !found {
+            let _ = tx.send(Err(seen));
+        }
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(r) => r,
+        Err(_) => Err(format!("nothing within {timeout:?}")),
+    }
+}
+
+/// `tessera serve` on an ephemeral port.
+pub struct Serve {
+    pub proc: Proc,
+    pub endpoint: String,
+}
+
+impl Serve {
+    /// Starts `tessera serve --listen 127.0.0.1:0 ARGS` and waits until it serves.
+    pub fn start(args: &[&str]) -> Serve {
+        let mut cmd = tessera();
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--threads", "2"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("tessera serve starts");
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let proc = Proc(child);
+        let (etx, erx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                all.push_str(&line);
+                all.push('\n');
+            }
+            let _ = etx.send(all);
+        });
+        let found = watch_lines(
+            stdout,
+            |l| {
+                l.strip_prefix("Tessera is serving")
+                    .and_then(|rest| rest.rsplit(" on ").next())
+                    .map(|a| a.trim().to_string())
+            },
+            Duration::from_secs(120),
+        );
+        match found {
+            Ok(endpoint) => Serve { proc, endpoint },
+            Err(out) => {
+                drop(proc);
+                let err = erx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+                panic!("tessera serve {args:?} did not start:\n{out}\nstderr:\n{err}");
+            }
+        }
+    }
+
+    /// The worker processes it started.
+    pub fn workers(&self) -> Vec<u32> {
+        children(self.proc.pid())
+    }
+}
+
+/// A coordinator process on an ephemeral port, with worker processes started by hand.
+pub struct Manual {
+    pub coordinator: Proc,
+    pub workers: Vec<Proc>,
+    pub endpoint: String,
+}
+
+impl Manual {
+    /// `tessera coordinator --listen 127.0.0.1:0 ARGS` and `n` workers on 127.0.0.1.
+    pub fn start(args: &[&str], n: usize, worker_args: &[&str]) -> Manual {
+        let mut cmd = tessera();
+        cmd.args(["coordinator", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("tessera coordinator starts");
+        let stderr = child.stderr.take().unwrap();
+        let coordinator = Proc(child);
+        let endpoint = watch_lines(
+            stderr,
+            |l| {
+                l.strip_prefix("coordinator on ")
+                    .and_then(|r| r.split(':').take(2).collect::<Vec<_>>().join(":").into())
+            },
+            Duration::from_secs(60),
+        )
+        .unwrap_or_else(|e| panic!("coordinator did not start: {e}"));
+        let workers = (0..n)
+            .map(|_| {
+                let mut w = tessera();
+                w.args(["worker", "--coordinator", &endpoint])
+                    .args(["--listen", "127.0.0.1:0", "--threads", "1"])
+                    .args(worker_args)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                Proc(w.spawn().expect("tessera worker starts"))
+            })
+            .collect();
+        Manual {
+            coordinator,
+            workers,
+            endpoint,
+        }
+    }
+}
+
+/// Polls the cluster until it answers `ModelInfo`, i.e. serves.
+pub async fn wait_serving(endpoint: &str, timeout: Duration) -> tessera_client::Client {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(mut c) = tessera_client::Client::connect(endpoint).await {
+            if c.model_info().await.is_ok() {
+                return c;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{endpoint} did not serve within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `tessera run ARGS --json`, parsed.
+pub fn run_json(args: &[&str]) -> serde_json::Value {
+    let out = tessera()
+        .arg("run")
+        .args(args)
+        .args(["--json", "--threads", "2"])
+        .output()
+        .expect("tessera run");
+    assert!(
+        out.status.success(),
+        "tessera run {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+/// The token ids of a `run --json` report.
+pub fn token_ids(v: &serde_json::Value) -> Vec<u32> {
+    v["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect()
+}
