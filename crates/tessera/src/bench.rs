@@ -22,6 +22,8 @@ use crate::source::{init_threads, ModelArgs};
 pub enum BenchCommand {
     /// Batch-1 decode tokens/s per weight dtype, beside the bandwidth floor (and PyTorch).
     Decode(DecodeArgs),
+    /// Decode latency per token as a client of a running cluster sees it (streaming).
+    Cluster(crate::bench_cluster::ClusterArgs),
 }
 
 #[derive(Debug, Args)]
@@ -177,6 +179,7 @@ fn torch(args: &DecodeArgs, python: &PathBuf, threads: usize) -> Result<Vec<Deco
 
 pub fn bench(cmd: BenchCommand) -> Result<()> {
     match cmd {
+        BenchCommand::Cluster(args) => crate::bench_cluster::bench_cluster(args),
         BenchCommand::Decode(args) => {
             let threads = init_threads(args.threads)?;
             let mut results = Vec::new();

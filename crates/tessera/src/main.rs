@@ -1,6 +1,7 @@
 //! `tessera`: the one binary. It parses arguments and wires the libraries together.
 
 mod bench;
+mod bench_cluster;
 mod cluster_args;
 mod coordinator_cmd;
 mod generate_cmd;

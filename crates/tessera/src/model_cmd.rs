@@ -34,6 +34,10 @@ pub enum ModelCommand {
         /// Output directory (created if missing).
         #[arg(long)]
         out: PathBuf,
+        /// Keep only this many transformer blocks (a shallower model of the same width,
+        /// e.g. to measure per-step overheads).
+        #[arg(long, value_name = "N")]
+        layers: Option<usize>,
     },
     /// List the presets.
     List,
@@ -189,8 +193,18 @@ pub fn model(cmd: ModelCommand) -> Result<()> {
             }
             Ok(())
         }
-        ModelCommand::Synth { preset, seed, out } => {
-            let config = ModelConfig::preset(&preset)?;
+        ModelCommand::Synth {
+            preset,
+            seed,
+            out,
+            layers,
+        } => {
+            let mut config = ModelConfig::preset(&preset)?;
+            if let Some(n) = layers {
+                config.n_layer = n;
+                config.name = format!("{preset}-{n}l");
+                config.validate()?;
+            }
             let bytes = config.param_count() * 4;
             eprintln!(
                 "writing {} ({}, seed {seed}) to {}",

@@ -1,0 +1,320 @@
+//! A cluster that loses a process says so and leaves nothing behind: a killed or hung
+//! worker ends every request with UNAVAILABLE naming that worker while the coordinator
+//! keeps running and reports NOT_SERVING; Ctrl-C or a SIGKILL of `tessera serve` takes
+//! its workers down; a worker whose coordinator dies exits on its own.
+
+mod cluster_common;
+
+use std::time::{Duration, Instant};
+
+use cluster_common::{alive, listening_ports, wait_serving, Manual, Serve};
+use tessera_client::{Client, ClientError, Code, GenerateRequest};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// Flags of the coordinator of a failure test: the worker timeout bounds how long a hung
+/// worker goes unnoticed.
+const WORKER_TIMEOUT_MS: u64 = 2000;
+/// How long every request may take to end once a worker is killed or stopped.
+const FAILURE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A request long enough to be running when the worker goes: the preset's context is
+/// 1024 tokens.
+fn long_request(i: u32) -> GenerateRequest {
+    GenerateRequest {
+        prompt_ids: vec![464, 13 + i, 7, 99],
+        max_tokens: Some(1000),
+        ignore_eos: true,
+        seed: Some(u64::from(i)),
+        ..Default::default()
+    }
+}
+
+/// How one stream ended.
+#[derive(Debug)]
+struct StreamEnd {
+    messages: usize,
+    result: Result<(), ClientError>,
+    at: Instant,
+}
+
+/// Starts `n` long streams and returns once each has produced a message.
+async fn start_long_streams(endpoint: &str, n: u32) -> Vec<JoinHandle<StreamEnd>> {
+    let mut tasks = Vec::new();
+    let mut started = Vec::new();
+    for i in 0..n {
+        let (tx, rx) = oneshot::channel::<()>();
+        let endpoint = endpoint.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut client = Client::connect(&endpoint).await.unwrap();
+            let mut stream = client.generate_stream(long_request(i)).await.unwrap();
+            let mut tx = Some(tx);
+            let mut messages = 0;
+            let result = loop {
+                match stream.message().await {
+                    Ok(Some(_)) => {
+                        messages += 1;
+                        if let Some(tx) = tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            };
+            StreamEnd {
+                messages,
+                result,
+                at: Instant::now(),
+            }
+        }));
+        started.push(rx);
+    }
+    for (i, rx) in started.into_iter().enumerate() {
+        match tokio::time::timeout(Duration::from_secs(30), rx).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                let end = tasks.remove(i).await;
+                panic!("stream {i} ended before its first message: {end:?}");
+            }
+            Err(_) => panic!("stream {i} produced no message within 30 s"),
+        }
+    }
+    tasks
+}
+
+/// How the cluster names a worker: `worker N (stage S, tp rank R, IP:PORT)`, from
+/// ModelInfo and the ports the process listens on.
+struct WorkerIdentity {
+    index: usize,
+    address: String,
+}
+
+async fn identify(client: &mut Client, pid: u32) -> WorkerIdentity {
+    let info = client.model_info().await.unwrap();
+    let ports = listening_ports(pid);
+    let (index, w) = info
+        .workers
+        .iter()
+        .enumerate()
+        .find(|(_, w)| {
+            w.address
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse::<u16>().ok())
+                .is_some_and(|p| ports.contains(&p))
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no worker of {:?} listens on a port of process {pid} ({ports:?})",
+                info.workers
+            )
+        });
+    WorkerIdentity {
+        index,
+        address: w.address.clone(),
+    }
+}
+
+/// Every stream ends with UNAVAILABLE naming `who` within [`FAILURE_DEADLINE`] of `t0`.
+async fn expect_unavailable(tasks: Vec<JoinHandle<StreamEnd>>, t0: Instant, who: &WorkerIdentity) {
+    let name = format!("worker {} (", who.index);
+    for (i, task) in tasks.into_iter().enumerate() {
+        let end = tokio::time::timeout_at((t0 + FAILURE_DEADLINE).into(), task)
+            .await
+            .unwrap_or_else(|_| panic!("stream {i} still open {FAILURE_DEADLINE:?} after the failure"))
+            .unwrap();
+        let took = end.at.saturating_duration_since(t0);
+        eprintln!(
+            "stream {i}: {} messages, ended {took:?} after the failure: {:?}",
+            end.messages, end.result
+        );
+        let err = match end.result {
+            Ok(()) => panic!("stream {i} finished normally after {} messages", end.messages),
+            Err(e) => e,
+        };
+        assert!(took < FAILURE_DEADLINE, "stream {i} ended after {took:?}");
+        let status = err
+            .status()
+            .unwrap_or_else(|| panic!("stream {i}: not a status: {err}"));
+        assert_eq!(status.code(), Code::Unavailable, "stream {i}: {err}");
+        assert!(
+            status.message().contains(&who.address) && status.message().contains(&name),
+            "stream {i}: `{}` should name {name}…{})",
+            status.message(),
+            who.address
+        );
+    }
+}
+
+/// The coordinator's health for `service`.
+async fn health(endpoint: &str, service: &str) -> Result<ServingStatus, String> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let reply = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .map_err(|s| s.to_string())?;
+    Ok(reply.into_inner().status())
+}
+
+/// After a worker failure: NOT_SERVING, new requests refused at once, the coordinator
+/// still running.
+async fn expect_reported_failure(cluster: &mut Manual, who: &WorkerIdentity) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for service in ["", "tessera.v1.Generation"] {
+        loop {
+            let h = health(&cluster.endpoint, service).await;
+            if h == Ok(ServingStatus::NotServing) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "health of `{service}` is {h:?}, not NOT_SERVING, 5 s after the failure"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    let mut client = Client::connect(&cluster.endpoint).await.unwrap();
+    let started = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(1), client.generate(long_request(9)))
+        .await
+        .expect("a new request is answered within 1 s");
+    let err = r.expect_err("a new request is refused");
+    assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
+    assert!(
+        err.to_string().contains(&who.address),
+        "the refusal names the failed worker: {err}"
+    );
+    eprintln!("new request refused in {:?}: {err}", started.elapsed());
+
+    assert!(
+        cluster.coordinator.0.try_wait().unwrap().is_none(),
+        "the coordinator process exited"
+    );
+    assert!(alive(cluster.coordinator.pid()));
+}
+
+fn failure_cluster() -> Manual {
+    let timeout = WORKER_TIMEOUT_MS.to_string();
+    Manual::start(
+        &[
+            "--preset",
+            "gpt2-tiny",
+            "--tp",
+            "2",
+            "--worker-timeout-ms",
+            &timeout,
+        ],
+        2,
+        &[],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_ends_its_requests_with_unavailable() {
+    let mut cluster = failure_cluster();
+    let mut client = wait_serving(&cluster.endpoint, Duration::from_secs(60)).await;
+    let who = identify(&mut client, cluster.workers[1].pid()).await;
+    let tasks = start_long_streams(&cluster.endpoint, 4).await;
+
+    cluster.workers[1].signal(libc::SIGKILL);
+    let t0 = Instant::now();
+    expect_unavailable(tasks, t0, &who).await;
+    expect_reported_failure(&mut cluster, &who).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_is_detected_by_its_heartbeat() {
+    let mut cluster = failure_cluster();
+    let mut client = wait_serving(&cluster.endpoint, Duration::from_secs(60)).await;
+    let who = identify(&mut client, cluster.workers[1].pid()).await;
+    let tasks = start_long_streams(&cluster.endpoint, 4).await;
+
+    // A hung worker: its sockets stay open, it just never answers. Dropping the cluster
+    // SIGKILLs it, which ends a stopped process too.
+    cluster.workers[1].signal(libc::SIGSTOP);
+    let t0 = Instant::now();
+    expect_unavailable(tasks, t0, &who).await;
+    expect_reported_failure(&mut cluster, &who).await;
+    cluster.workers[1].signal(libc::SIGCONT);
+}
+
+/// `tessera serve`'s worker pids, and the serve process gone by `sig`.
+fn stop_serve(sig: libc::c_int) -> (Serve, Vec<u32>) {
+    let serve = Serve::start(&[]);
+    let workers = serve.workers();
+    assert_eq!(workers.len(), 2, "serve starts one worker per shard: {workers:?}");
+    assert!(workers.iter().all(|&w| alive(w)));
+    serve.proc.signal(sig);
+    (serve, workers)
+}
+
+/// Every pid in `pids` is gone within `timeout`.
+fn expect_gone(pids: &[u32], timeout: Duration, what: &str) {
+    let start = Instant::now();
+    while pids.iter().any(|&p| alive(p)) {
+        let left: Vec<u32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+        assert!(
+            start.elapsed() < timeout,
+            "{what}: processes {left:?} still alive after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("{what}: gone {:?} after", start.elapsed());
+}
+
+#[test]
+fn ctrl_c_on_serve_leaves_no_process() {
+    let (mut serve, workers) = stop_serve(libc::SIGINT);
+    let start = Instant::now();
+    let status = serve
+        .proc
+        .wait_exit(Duration::from_secs(10))
+        .expect("serve exits within 10 s of Ctrl-C");
+    eprintln!("serve exited {status} in {:?}", start.elapsed());
+    assert!(status.success(), "serve exited with {status}");
+    expect_gone(&workers, Duration::from_secs(5), "serve's workers after Ctrl-C");
+}
+
+#[test]
+fn killing_serve_takes_its_workers_down() {
+    let (mut serve, workers) = stop_serve(libc::SIGKILL);
+    serve
+        .proc
+        .wait_exit(Duration::from_secs(5))
+        .expect("a SIGKILLed serve exits");
+    expect_gone(&workers, Duration::from_secs(5), "serve's workers after SIGKILL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_exits_when_its_coordinator_dies() {
+    const COORDINATOR_TIMEOUT_S: u64 = 3;
+    let timeout = COORDINATOR_TIMEOUT_S.to_string();
+    let mut cluster = Manual::start(
+        &["--preset", "gpt2-tiny", "--tp", "2"],
+        2,
+        &["--coordinator-timeout", &timeout],
+    );
+    wait_serving(&cluster.endpoint, Duration::from_secs(60)).await;
+    cluster.coordinator.signal(libc::SIGKILL);
+    let start = Instant::now();
+    let limit = Duration::from_secs(COORDINATOR_TIMEOUT_S + 3);
+    for (i, w) in cluster.workers.iter_mut().enumerate() {
+        let left = limit.saturating_sub(start.elapsed());
+        let status = w.wait_exit(left).unwrap_or_else(|| {
+            panic!("worker {i} still running {limit:?} after its coordinator died")
+        });
+        eprintln!("worker {i} exited {status} after {:?}", start.elapsed());
+    }
+}
