@@ -272,8 +272,7 @@ pub fn listening_ports(pid: u32) -> Vec<u16> {
         for fd in fds.flatten() {
             if let Ok(target) = std::fs::read_link(fd.path()) {
                 let t = target.to_string_lossy();
-                if let Some(inode) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']'))
-                {
+                if let Some(inode) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
                     inodes.insert(inode.to_string());
                 }
             }

@@ -32,6 +32,9 @@ pub mod defaults {
     pub const REGISTER_TIMEOUT_MS: u64 = 300_000;
     /// How long workers wait for their collective peers during bring-up.
     pub const CONNECT_TIMEOUT_MS: u64 = 30_000;
+    /// Once formed, how long one collective read or write may wait on a peer: above the
+    /// slowest step. A hung worker is found sooner by the health checks.
+    pub const COLLECTIVE_IO_TIMEOUT_MS: u64 = 600_000;
     /// Largest prompt text accepted, in bytes.
     pub const MAX_PROMPT_BYTES: usize = 1 << 20;
     /// Largest gRPC message accepted, in bytes (above the prompt limit so an oversized

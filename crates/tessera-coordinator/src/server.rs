@@ -389,6 +389,7 @@ impl BringUp {
                     next_stage,
                     token: token.to_vec(),
                     timeout_ms,
+                    io_timeout_ms: defaults::COLLECTIVE_IO_TIMEOUT_MS as u32,
                 };
                 async move { c.open_collectives(req).await }
             })

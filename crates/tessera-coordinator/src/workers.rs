@@ -61,15 +61,17 @@ impl WorkerClient {
         self.client.clone()
     }
 
-    /// Asks for the worker's health, giving up after `timeout`.
-    pub async fn health(
+    /// Asks for the worker's health, giving up after `timeout`: `Err` when it does not
+    /// answer, else its answer, whatever state it reports.
+    pub async fn probe(
         &self,
         generation: u64,
         timeout: Duration,
     ) -> Result<pb::HealthResponse, String> {
         let mut c = self.client.clone();
         let mut req = tonic::Request::new(pb::HealthRequest { generation });
-        req.set_timeout(timeout);
+        // The server-side deadline is a little later than ours, so the message is ours.
+        req.set_timeout(timeout + Duration::from_millis(500));
         match tokio::time::timeout(timeout, c.health(req)).await {
             Err(_) => Err(format!(
                 "{} did not answer a health check within {} ms",
@@ -77,14 +79,7 @@ impl WorkerClient {
                 timeout.as_millis()
             )),
             Ok(Err(s)) => Err(format!("{}: {}", self.name(), describe(&s))),
-            Ok(Ok(r)) => {
-                let h = r.into_inner();
-                if h.state == pb::WorkerState::Failed as i32 {
-                    Err(format!("{} has failed: {}", self.name(), h.message))
-                } else {
-                    Ok(h)
-                }
-            }
+            Ok(Ok(r)) => Ok(r.into_inner()),
         }
     }
 }
@@ -221,12 +216,12 @@ impl ShardedClient {
     async fn blame(&self, failed: &[(usize, Status)]) -> String {
         let probes = failed
             .iter()
-            .map(|(i, _)| self.workers[*i].health(self.generation, Duration::from_millis(1000)));
+            .map(|(i, _)| self.workers[*i].probe(self.generation, Duration::from_millis(1000)));
         let answers = join_all(probes).await;
         for ((i, s), a) in failed.iter().zip(&answers) {
-            if a.is_err() {
+            if let Err(probe) = a {
                 return format!(
-                    "{} is unreachable ({})",
+                    "{} is unreachable (step: {}; health: {probe})",
                     self.workers[*i].name(),
                     describe(s)
                 );
@@ -240,16 +235,27 @@ impl ShardedClient {
         )
     }
 
-    /// Checks every worker's health at once; the error names the first unhealthy one.
+    /// Checks every worker's health at once. The error names a worker that did not
+    /// answer, if any did not (its peers report failures of their own when it dies), else
+    /// the first that reports a failure.
     pub async fn health(&self, timeout: Duration) -> Result<(), String> {
         let probes = self
             .workers
             .iter()
-            .map(|w| w.health(self.generation, timeout));
-        for r in join_all(probes).await {
-            r?;
+            .map(|w| w.probe(self.generation, timeout));
+        let answers = join_all(probes).await;
+        let mut reported = None;
+        for (w, a) in self.workers.iter().zip(answers) {
+            match a {
+                Err(silent) => return Err(silent),
+                Ok(h) if h.state == pb::WorkerState::Failed as i32 => {
+                    reported
+                        .get_or_insert_with(|| format!("{} has failed: {}", w.name(), h.message));
+                }
+                Ok(_) => {}
+            }
         }
-        Ok(())
+        reported.map_or(Ok(()), Err)
     }
 
     /// Asks every worker to drop its shard; errors are ignored (the worker may be gone).

@@ -71,9 +71,10 @@ pub struct Peers {
     pub next_stage: Option<SocketAddr>,
     /// The cluster generation's token.
     pub token: [u8; 16],
-    /// How long forming the groups may take; also the longest any later read or write
-    /// of a collective may wait.
+    /// How long forming the groups may take.
     pub timeout: Duration,
+    /// The longest any later read or write of a collective may wait.
+    pub io_timeout: Duration,
 }
 
 /// Forms every group of this worker; blocks until all are up or the timeout passes.
@@ -84,6 +85,7 @@ pub fn connect(listeners: Listeners, peers: &Peers) -> Result<ShardComms, Worker
         peers: addrs,
         token: peers.token,
         timeout: peers.timeout,
+        io_timeout: peers.io_timeout,
     };
     let tp_spec = group(peers.tp_rank, peers.tp.clone());
     let prev_spec = prev
@@ -206,6 +208,7 @@ mod tests {
                         next_stage,
                         token: [7; 16],
                         timeout: Duration::from_secs(5),
+                        io_timeout: Duration::from_secs(5),
                     };
                     s.spawn(move || connect(l, &peers).unwrap())
                 })

@@ -577,6 +577,9 @@ async fn validate_peers(
     if req.timeout_ms == 0 {
         return Err(WorkerError::invalid("timeout_ms", "must be at least 1"));
     }
+    if req.io_timeout_ms == 0 {
+        return Err(WorkerError::invalid("io_timeout_ms", "must be at least 1"));
+    }
     let last_stage = stage + 1 == pp;
     let next_stage = match (last_stage, req.next_stage.is_empty()) {
         (true, true) => None,
@@ -604,6 +607,7 @@ async fn validate_peers(
         next_stage,
         token,
         timeout: Duration::from_millis(req.timeout_ms.into()),
+        io_timeout: Duration::from_millis(req.io_timeout_ms.into()),
     })
 }
 

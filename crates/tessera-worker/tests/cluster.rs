@@ -238,6 +238,7 @@ impl TestCluster {
                     next_stage,
                     token: vec![9; 16],
                     timeout_ms: 5000,
+                    io_timeout_ms: 5000,
                 })
                 .await
             }
@@ -546,20 +547,19 @@ async fn calls_out_of_turn_or_with_bad_fields_are_refused() {
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
 
-    let fields: [(&str, Box<dyn Fn(&mut pb::AssignRequest)>); 7] = [
-        ("stage", Box::new(|r| r.stage = 2)),
-        ("tp_rank", Box::new(|r| r.tp_rank = 1)),
-        ("kv_blocks", Box::new(|r| r.kv_blocks = 0)),
-        ("kv_block_tokens", Box::new(|r| r.kv_block_tokens = 0)),
-        (
-            "model.dtype",
-            Box::new(|r| r.model.as_mut().unwrap().dtype = "f8".into()),
-        ),
-        (
-            "model.config.n_embd",
-            Box::new(|r| r.model.as_mut().unwrap().config.as_mut().unwrap().n_embd = 0),
-        ),
-        ("tp × pp", Box::new(|r| r.tp = 3)),
+    type Spoil = fn(&mut pb::AssignRequest);
+    let fields: [(&str, Spoil); 7] = [
+        ("stage", |r| r.stage = 2),
+        ("tp_rank", |r| r.tp_rank = 1),
+        ("kv_blocks", |r| r.kv_blocks = 0),
+        ("kv_block_tokens", |r| r.kv_block_tokens = 0),
+        ("model.dtype", |r| {
+            r.model.as_mut().unwrap().dtype = "f8".into()
+        }),
+        ("model.config.n_embd", |r| {
+            r.model.as_mut().unwrap().config.as_mut().unwrap().n_embd = 0
+        }),
+        ("tp × pp", |r| r.tp = 3),
     ];
     for (field, spoil) in &fields {
         let mut req = assign(1, 2, 0, 0);
@@ -582,6 +582,7 @@ async fn calls_out_of_turn_or_with_bad_fields_are_refused() {
         next_stage: next_stage.into(),
         token,
         timeout_ms: 200,
+        io_timeout_ms: 200,
     };
     let e = c.open_collectives(open(vec![1; 15], "")).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -784,4 +785,50 @@ async fn a_checkpoint_loads_only_for_its_own_config_and_matches_transformers() {
     for w in workers {
         w.stop().await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_peer_fails_the_step_and_the_worker() {
+    let fake = FakeCoordinator::default();
+    let coordinator = fake.clone().start().await;
+    let mut workers: Vec<TestWorker> = (0..2)
+        .map(|_| spawn_worker(options(coordinator, Duration::from_secs(10))))
+        .collect();
+    let mut clients = Vec::new();
+    for p in fake.ports(2).await {
+        clients.push(client(p).await);
+    }
+    let cluster = TestCluster::bring_up(synthetic(), 2, 1, clients).await;
+    generate(&cluster, 1, 1).await;
+
+    // TP rank 1's process goes away; rank 0's next all-reduce finds the connection closed.
+    workers.pop().unwrap().stop().await.unwrap();
+    let mut rank0 = cluster.clients[0].clone();
+    let e = rank0
+        .step(step(2, vec![1], PROMPT.len() as u32))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let h = rank0
+        .health(pb::HealthRequest {
+            generation: GENERATION,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(h.state(), pb::WorkerState::Failed);
+    assert!(h.message.contains("collective"), "{}", h.message);
+    let e = rank0
+        .step(step(3, vec![1], PROMPT.len() as u32 + 1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("failed"), "{}", e.message());
+    rank0
+        .release(pb::ReleaseRequest {
+            generation: GENERATION,
+        })
+        .await
+        .unwrap();
+    workers.pop().unwrap().stop().await.unwrap();
 }

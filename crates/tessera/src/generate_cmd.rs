@@ -21,6 +21,7 @@ pub struct GenerateArgs {
     #[arg(
         long,
         value_name = "TEXT",
+        allow_hyphen_values = true,
         conflicts_with = "prompt_ids",
         required_unless_present = "prompt_ids"
     )]
@@ -59,7 +60,7 @@ pub struct GenerateArgs {
     pub repetition_penalty: Option<f32>,
     /// End generation when the text contains STR, which is not printed; repeat the flag
     /// for several stop strings.
-    #[arg(long = "stop", value_name = "STR")]
+    #[arg(long = "stop", value_name = "STR", allow_hyphen_values = true)]
     pub stop: Vec<String>,
     /// Keep generating past the end-of-text token.
     #[arg(long)]
@@ -245,7 +246,7 @@ mod tests {
             "--stop",
             "\n",
             "--stop",
-            "END",
+            "---",
             "--ignore-eos",
             "--logprobs",
             "--timeout",
@@ -263,7 +264,7 @@ mod tests {
         assert_eq!(r.top_p, Some(0.9));
         assert_eq!(r.seed, Some(42));
         assert_eq!(r.repetition_penalty, Some(1.2));
-        assert_eq!(r.stop, ["\n", "END"]);
+        assert_eq!(r.stop, ["\n", "---"]);
         assert!(r.ignore_eos && r.logprobs);
     }
 

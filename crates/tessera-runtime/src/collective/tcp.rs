@@ -46,9 +46,12 @@ pub struct TcpGroupSpec {
     /// Cluster-generation token: only ranks presenting the same token join, so a worker
     /// left over from an earlier cluster cannot slip into this one.
     pub token: [u8; 16],
-    /// Deadline for forming the group, and afterwards the longest any single read or
-    /// write may wait before the operation fails.
+    /// Deadline for forming the group.
     pub timeout: Duration,
+    /// Once formed, the longest any single read or write may wait before the operation
+    /// fails: longer than the slowest step a peer may take (a pipeline stage waits for
+    /// the whole forward pass of the stages before it).
+    pub io_timeout: Duration,
 }
 
 impl fmt::Debug for TcpGroupSpec {
@@ -58,6 +61,7 @@ impl fmt::Debug for TcpGroupSpec {
             .field("rank", &self.rank)
             .field("peers", &self.peers)
             .field("timeout", &self.timeout)
+            .field("io_timeout", &self.io_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -164,7 +168,7 @@ impl TcpComm {
         if rank >= world {
             return Err(fail("the rank is not below the world size".into()));
         }
-        if spec.timeout.is_zero() {
+        if spec.timeout.is_zero() || spec.io_timeout.is_zero() {
             return Err(fail("the timeout must not be zero".into()));
         }
         let deadline = Instant::now() + spec.timeout;
@@ -179,7 +183,7 @@ impl TcpComm {
             .enumerate()
             .map(|(peer, stream)| {
                 stream
-                    .map(|s| Link::start(rank, peer, spec.peers[peer], s, spec.timeout))
+                    .map(|s| Link::start(rank, peer, spec.peers[peer], s, spec.io_timeout))
                     .transpose()
             })
             .collect::<std::result::Result<Vec<_>, String>>()
@@ -187,7 +191,7 @@ impl TcpComm {
         Ok(TcpComm {
             rank,
             world,
-            timeout: spec.timeout,
+            timeout: spec.io_timeout,
             links,
             scratch: Vec::new(),
             broken: None,
@@ -786,6 +790,7 @@ mod tests {
             peers: peers.to_vec(),
             token: TOKEN,
             timeout,
+            io_timeout: timeout,
         }
     }
 
