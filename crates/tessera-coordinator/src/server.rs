@@ -12,7 +12,6 @@ use tessera_proto::worker::v1 as pb;
 use tessera_proto::worker::v1::cluster_server::ClusterServer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
@@ -138,7 +137,10 @@ impl Coordinator {
                     .max_decoding_message_size(defaults::MAX_MESSAGE_BYTES),
             )
             .add_service(ClusterServer::new(membership.clone()))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), server_stop);
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                server_stop,
+            );
         let server = tokio::spawn(server);
 
         // Health follows the cluster state: SERVING only while every worker is ready.

@@ -19,7 +19,6 @@ use tessera_proto::worker::v1::cluster_client::ClusterClient;
 use tessera_proto::worker::v1::worker_server::WorkerServer;
 use tessera_proto::worker::v1::{RegisterRequest, RegisterResponse};
 use tokio::sync::{oneshot, watch};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Endpoint, Server};
 use tonic::Code;
 use tracing::{info, warn};
@@ -136,9 +135,12 @@ pub async fn run_worker(
             .add_service(
                 WorkerServer::new(service.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
             )
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = stop_rx.await;
-            }),
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async {
+                    let _ = stop_rx.await;
+                },
+            ),
     );
 
     tokio::pin!(shutdown);

@@ -65,8 +65,9 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
                 eprintln!("serving on {addr}");
             }
         });
+        let shutdown = crate::signals::shutdown();
         tokio::spawn(async move {
-            crate::signals::shutdown().await;
+            shutdown.await;
             info!("shutting down");
             let _ = stop.send(true);
         });

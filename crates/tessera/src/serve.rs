@@ -152,6 +152,8 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     let mut state = coordinator.state();
 
     let outcome: Result<()> = runtime.block_on(async {
+        let shutdown = crate::signals::shutdown();
+        tokio::pin!(shutdown);
         // Bring-up: ends when serving, when it fails, or when a worker process dies.
         loop {
             let s = state.borrow_and_update().clone();
@@ -167,7 +169,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             tokio::select! {
                 _ = state.changed() => {}
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                _ = crate::signals::shutdown() => bail!("interrupted during start-up"),
+                _ = &mut shutdown => bail!("interrupted during start-up"),
             }
         }
         println!(
@@ -183,7 +185,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         let mut reported = false;
         loop {
             tokio::select! {
-                _ = crate::signals::shutdown() => {
+                _ = &mut shutdown => {
                     info!("shutting down");
                     return Ok(());
                 }

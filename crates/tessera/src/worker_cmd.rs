@@ -50,33 +50,9 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         .thread_name("worker-rpc")
         .build()
         .context("cannot start the async runtime")?;
-    let result = runtime.block_on(run_worker(opts, shutdown_signal()));
+    let result = runtime.block_on(async { run_worker(opts, crate::signals::shutdown()).await });
     // A collective still forming when the worker stops gives up at its own timeout; do
     // not wait that long to exit.
     runtime.shutdown_timeout(Duration::from_secs(1));
     Ok(result?)
-}
-
-/// Resolves on Ctrl-C or, on Unix, SIGTERM (what `kill` and container runtimes send).
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("Ctrl-C: stopping"),
-        _ = terminate => tracing::info!("SIGTERM: stopping"),
-    }
 }
