@@ -290,3 +290,160 @@ async fn malformed_requests_are_refused_naming_the_field() {
         assert_eq!(good.token_ids.len(), 4, "after {what}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reflection_and_the_generate_command() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let model = fixture(MODEL).display().to_string();
+    let serve = Serve::start(&["--model", &model, "--tp", "2"]);
+    wait_serving(&serve.endpoint, Duration::from_secs(30)).await;
+    let url = format!("http://{}", serve.endpoint);
+
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "tessera.v1.Generation"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status();
+        assert_eq!(status, ServingStatus::Serving, "service `{service}`");
+    }
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("not a service list: {answer:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in ["tessera.v1.Generation", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+    }
+    assert!(
+        !names.iter().any(|n| n.starts_with("tessera.worker")),
+        "the internal worker protocol is not advertised: {names:?}"
+    );
+
+    // `tessera generate --stream` prints the completion as it streams; `--json` the report.
+    let case = &cases()[0];
+    let want = case.expected();
+    let ids: Vec<String> = case.prompt_ids.iter().map(|t| t.to_string()).collect();
+    let max = case.max_tokens.to_string();
+    let base = [
+        "generate",
+        "--endpoint",
+        &serve.endpoint,
+        "--prompt-ids",
+        &ids.join(","),
+        "--max-tokens",
+        &max,
+        "--ignore-eos",
+    ];
+    let out = cluster_common::tessera()
+        .args(base)
+        .arg("--stream")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = Tokenizer::gpt2().decode(&want).unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{text}\n"));
+    let out = cluster_common::tessera()
+        .args(base)
+        .args(["--json", "--logprobs"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(token_ids(&report), want);
+    assert_eq!(report["finish_reason"], "length");
+    assert_eq!(report["logprobs"].as_array().unwrap().len(), want.len());
+    let out = cluster_common::tessera()
+        .args([
+            "generate",
+            "--endpoint",
+            &serve.endpoint,
+            "--prompt-ids",
+            "1",
+            "--max-tokens",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("INVALID_ARGUMENT") && err.contains("max_tokens"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_from_the_example_config_serves_tp2_pp2() {
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../cluster/local-tp2-pp2.toml")
+        .display()
+        .to_string();
+    let cluster = cluster_common::Manual::start(&["--config", &config], 4, &[]);
+    let mut client = wait_serving(&cluster.endpoint, Duration::from_secs(60)).await;
+    let info = client.model_info().await.unwrap();
+    assert_eq!((info.tp, info.pp, info.name.as_str()), (2, 2, "gpt2-tiny"));
+    let stages: Vec<(u32, u32)> = info.workers.iter().map(|w| (w.stage, w.tp_rank)).collect();
+    assert_eq!(stages, vec![(0, 0), (0, 1), (1, 0), (1, 1)]);
+    let want = token_ids(&run_json(&[
+        "--preset",
+        "gpt2-tiny",
+        "--prompt-ids",
+        "11,12,13",
+        "--max-tokens",
+        "6",
+        "--ignore-eos",
+    ]));
+    let got = client
+        .generate(GenerateRequest {
+            prompt_ids: vec![11, 12, 13],
+            max_tokens: Some(6),
+            ignore_eos: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(got.token_ids, want);
+}

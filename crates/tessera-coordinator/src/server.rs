@@ -116,9 +116,21 @@ impl Coordinator {
         let api = GenerationService::new(config_arc, tokenizer.clone(), state_rx.clone());
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
+        // Both reflection versions: current tools ask v1, older ones v1alpha. Only the
+        // public services are advertised; the worker protocol shares the listener but is
+        // not an API for clients.
+        let reflection_builder = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name("tessera.v1.Generation")
+                .with_service_name("grpc.health.v1.Health")
+        };
+        let reflection = reflection_builder()
             .build_v1()
+            .map_err(|e| StartError::Config(format!("reflection: {e}")))?;
+        let reflection_alpha = reflection_builder()
+            .build_v1alpha()
             .map_err(|e| StartError::Config(format!("reflection: {e}")))?;
         let (stop, stop_rx) = watch::channel(false);
 
@@ -132,6 +144,7 @@ impl Coordinator {
             .tcp_nodelay(true)
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_alpha)
             .add_service(
                 GenerationServer::new(api.clone())
                     .max_decoding_message_size(defaults::MAX_MESSAGE_BYTES),
