@@ -47,7 +47,7 @@ pub struct WorkerOptions {
     /// Where the `Worker` service listens; port 0 picks a free port. The collective
     /// listeners bind on the same IP.
     pub listen: SocketAddr,
-    /// Host the coordinator and the peers should dial; `None`: the address the
+    /// IP address the coordinator and the peers should dial; `None`: the address the
     /// coordinator sees the registration come from.
     pub advertise_host: Option<String>,
     /// Compute backend; only `cpu` is available.

@@ -791,9 +791,12 @@ async fn a_checkpoint_loads_only_for_its_own_config_and_matches_transformers() {
 async fn a_lost_peer_fails_the_step_and_the_worker() {
     let fake = FakeCoordinator::default();
     let coordinator = fake.clone().start().await;
-    let mut workers: Vec<TestWorker> = (0..2)
-        .map(|_| spawn_worker(options(coordinator, Duration::from_secs(10))))
-        .collect();
+    // One at a time, so that registration order (which gives the ranks) is spawn order.
+    let mut workers: Vec<TestWorker> = Vec::new();
+    for n in 1..=2 {
+        workers.push(spawn_worker(options(coordinator, Duration::from_secs(10))));
+        fake.ports(n).await;
+    }
     let mut clients = Vec::new();
     for p in fake.ports(2).await {
         clients.push(client(p).await);

@@ -18,10 +18,10 @@ pub struct WorkerArgs {
     /// connections listen on the same IP.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:0")]
     pub listen: SocketAddr,
-    /// Host name or IP the coordinator and the other workers should dial to reach this
-    /// worker (default: the address the coordinator sees the registration come from).
-    #[arg(long, value_name = "HOST")]
-    pub advertise_host: Option<String>,
+    /// IP address the coordinator and the other workers should dial to reach this worker
+    /// (default: the address the coordinator sees the registration come from).
+    #[arg(long, value_name = "IP")]
+    pub advertise_host: Option<std::net::IpAddr>,
     /// Compute backend of the shard; only `cpu` is available in this build.
     #[arg(long, value_name = "BACKEND", default_value = "cpu")]
     pub backend: String,
@@ -39,7 +39,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     let defaults = WorkerOptions::new(args.coordinator.clone());
     let opts = WorkerOptions {
         listen: args.listen,
-        advertise_host: args.advertise_host,
+        advertise_host: args.advertise_host.map(|ip| ip.to_string()),
         backend: args.backend,
         threads: args.threads.unwrap_or(defaults.threads),
         coordinator_timeout: Duration::from_secs(args.coordinator_timeout),
