@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 
 /// Tessera: tensor- and pipeline-parallel serving of GPT-2 / GPT-3 models.
 #[derive(Debug, Parser)]
-#[command(name = "tessera", version, about, long_about = None)]
+#[command(name = "tessera", version, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -38,7 +38,7 @@ enum Command {
     /// Inspect a model (sizes, memory per worker) or write a synthetic checkpoint.
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
-    /// Benchmarks: batch-1 decode throughput against the memory-bandwidth floor.
+    /// Benchmarks: batch-1 decode against the memory-bandwidth floor, and through a cluster.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
 }
