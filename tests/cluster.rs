@@ -3,10 +3,12 @@
 //! with a status naming the field while the cluster keeps serving.
 
 mod cluster_common;
+mod common;
 
 use std::time::Duration;
 
-use cluster_common::{fixture, run_json, token_ids, wait_serving, Serve};
+use cluster_common::{run_json, token_ids, wait_serving, Serve};
+use common::fixture;
 use tessera_client::{Code, GenerateRequest};
 use tessera_model::Tokenizer;
 

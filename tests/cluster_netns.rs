@@ -7,13 +7,15 @@
 //! Needs root and `ip netns`; without them the test says so on stderr and passes.
 
 mod cluster_common;
+mod common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cluster_common::{fixture, run_json, token_ids, Proc};
+use cluster_common::{run_json, token_ids, Proc};
+use common::fixture;
 
 const PROMPT_IDS: &str = "464,13,7,99,250";
 const MAX_TOKENS: &str = "16";

@@ -67,6 +67,27 @@ impl GenerationService {
     }
 }
 
+/// Tokenizes client text after checking its size; errors name `field`.
+fn encode_text(
+    tokenizer: &Tokenizer,
+    field: &'static str,
+    text: &str,
+) -> Result<Vec<u32>, CoordinatorError> {
+    if text.len() > defaults::MAX_PROMPT_BYTES {
+        return Err(CoordinatorError::out_of_range(
+            field,
+            format!(
+                "{} bytes is over the limit of {} bytes",
+                text.len(),
+                defaults::MAX_PROMPT_BYTES
+            ),
+        ));
+    }
+    tokenizer
+        .encode(text)
+        .map_err(|e| CoordinatorError::invalid(field, e.to_string()))
+}
+
 /// Checks a request against the model and fills in the defaults.
 pub fn validate(
     config: &ModelConfig,
@@ -89,19 +110,7 @@ pub fn validate(
             ))
         }
         (false, true) => {
-            if req.prompt.len() > defaults::MAX_PROMPT_BYTES {
-                return Err(E::out_of_range(
-                    "prompt",
-                    format!(
-                        "{} bytes is over the limit of {} bytes",
-                        req.prompt.len(),
-                        defaults::MAX_PROMPT_BYTES
-                    ),
-                ));
-            }
-            let ids = tokenizer
-                .encode(&req.prompt)
-                .map_err(|e| E::invalid("prompt", e.to_string()))?;
+            let ids = encode_text(tokenizer, "prompt", &req.prompt)?;
             if ids.is_empty() {
                 return Err(E::invalid("prompt", "the text has no tokens"));
             }
@@ -266,22 +275,7 @@ impl Generation for GenerationService {
         &self,
         request: Request<TokenizeRequest>,
     ) -> Result<Response<TokenizeResponse>, Status> {
-        let text = &request.get_ref().text;
-        if text.len() > defaults::MAX_PROMPT_BYTES {
-            return Err(CoordinatorError::out_of_range(
-                "text",
-                format!(
-                    "{} bytes is over the limit of {} bytes",
-                    text.len(),
-                    defaults::MAX_PROMPT_BYTES
-                ),
-            )
-            .into());
-        }
-        let token_ids = self
-            .tokenizer
-            .encode(text)
-            .map_err(|e| CoordinatorError::invalid("text", e.to_string()))?;
+        let token_ids = encode_text(&self.tokenizer, "text", &request.get_ref().text)?;
         Ok(Response::new(TokenizeResponse { token_ids }))
     }
 

@@ -8,7 +8,6 @@
 pub mod api;
 pub mod blocks;
 pub mod config;
-pub mod convert;
 pub mod detok;
 pub mod error;
 pub mod membership;

@@ -19,7 +19,6 @@ use tracing::{info, warn};
 use crate::api::GenerationService;
 use crate::blocks::BlockManager;
 use crate::config::{defaults, CoordinatorConfig, ModelSource};
-use crate::convert;
 use crate::error::StartError;
 use crate::membership::Membership;
 use crate::scheduler::{BatchLimits, Scheduler};
@@ -354,7 +353,7 @@ impl BringUp {
         let generation = self.generation;
         let (tp, pp) = (self.plan.tp, self.plan.pp);
         let model = pb::ModelSpec {
-            config: Some(convert::model_config(&self.model_config)),
+            config: Some((&self.model_config).into()),
             weights: Some(self.weights.clone()),
             dtype: self.config.dtype.clone(),
         };

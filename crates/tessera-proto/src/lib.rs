@@ -17,6 +17,9 @@ pub mod worker {
     }
 }
 
+#[cfg(feature = "model")]
+mod model;
+
 /// The encoded `FileDescriptorSet` of both packages, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/tessera_descriptor.bin"));

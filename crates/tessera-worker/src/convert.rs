@@ -64,21 +64,6 @@ pub fn model_config(c: &pb::ModelConfig, field: &str) -> Result<ModelConfig, Wor
     Ok(config)
 }
 
-/// The model crate's config as a proto `ModelConfig` (the coordinator's direction; tests).
-pub fn model_config_to_proto(c: &ModelConfig) -> pb::ModelConfig {
-    pb::ModelConfig {
-        name: c.name.clone(),
-        vocab_size: c.vocab_size as u32,
-        n_positions: c.n_positions as u32,
-        n_embd: c.n_embd as u32,
-        n_layer: c.n_layer as u32,
-        n_head: c.n_head as u32,
-        n_inner: c.n_inner as u32,
-        layer_norm_epsilon: c.layer_norm_epsilon,
-        eos_token_id: c.eos_token_id,
-    }
-}
-
 /// A proto step as the runtime's. `max_tokens` bounds the new tokens of the whole step
 /// (the worker passes its KV capacity: a step cannot write more tokens than the cache
 /// holds), which bounds the activations the step allocates. The model-dependent checks
@@ -168,18 +153,18 @@ mod tests {
     fn model_config_round_trips() {
         let c = tiny();
         assert_eq!(
-            model_config(&model_config_to_proto(&c), "model.config").unwrap(),
+            model_config(&pb::ModelConfig::from(&c), "model.config").unwrap(),
             c
         );
     }
 
     #[test]
     fn zero_and_huge_dimensions_name_the_field() {
-        let mut p = model_config_to_proto(&tiny());
+        let mut p = pb::ModelConfig::from(&tiny());
         p.n_embd = 0;
         let e = model_config(&p, "model.config").unwrap_err().to_string();
         assert!(e.contains("model.config.n_embd"), "{e}");
-        let mut p = model_config_to_proto(&tiny());
+        let mut p = pb::ModelConfig::from(&tiny());
         p.vocab_size = u32::MAX;
         let e = model_config(&p, "model.config").unwrap_err().to_string();
         assert!(e.contains("model.config.vocab_size"), "{e}");
@@ -187,12 +172,12 @@ mod tests {
 
     #[test]
     fn validate_failures_name_the_field() {
-        let mut p = model_config_to_proto(&tiny());
+        let mut p = pb::ModelConfig::from(&tiny());
         p.n_head = 7;
         let e = model_config(&p, "model.config").unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.to_string().contains("model.config.n_head"), "{e}");
-        let mut p = model_config_to_proto(&tiny());
+        let mut p = pb::ModelConfig::from(&tiny());
         p.layer_norm_epsilon = f32::NAN;
         let e = model_config(&p, "model.config").unwrap_err().to_string();
         assert!(e.contains("layer_norm_epsilon"), "{e}");

@@ -23,7 +23,6 @@ use tonic::transport::{Endpoint, Server};
 use tonic::Code;
 use tracing::{info, warn};
 
-pub use convert::model_config_to_proto;
 pub use error::WorkerError;
 
 use service::WorkerService;

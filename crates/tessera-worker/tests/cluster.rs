@@ -13,7 +13,7 @@ use tessera_proto::worker::v1::worker_client::WorkerClient;
 use tessera_runtime::{
     CpuBackend, GenerateRequest, LocalEngine, SamplingParams, ShardOptions, WeightDtype,
 };
-use tessera_worker::{model_config_to_proto, run_worker, WorkerError, WorkerOptions};
+use tessera_worker::{run_worker, WorkerError, WorkerOptions};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -133,7 +133,7 @@ fn tiny() -> ModelConfig {
 /// gpt2-tiny with synthetic weights of seed 5.
 fn synthetic() -> pb::ModelSpec {
     pb::ModelSpec {
-        config: Some(model_config_to_proto(&tiny())),
+        config: Some(pb::ModelConfig::from(&tiny())),
         weights: Some(pb::model_spec::Weights::SyntheticSeed(SEED)),
         dtype: "f32".into(),
     }
@@ -739,7 +739,7 @@ async fn a_checkpoint_loads_only_for_its_own_config_and_matches_transformers() {
         clients.push(client(p).await);
     }
     let model = |config: &ModelConfig| pb::ModelSpec {
-        config: Some(model_config_to_proto(config)),
+        config: Some(pb::ModelConfig::from(config)),
         weights: Some(pb::model_spec::Weights::CheckpointDir(dir.clone())),
         dtype: "f32".into(),
     };
