@@ -84,7 +84,7 @@ pub fn children(pid: u32) -> Vec<u32> {
 /// Returns the first capture, and keeps draining the stream afterwards.
 fn watch_lines(
     stream: impl std::io::Read + Send + 'static,
-    find: impl Fn(&str) -> Option<String> + Send + 'static,
+    mut find: impl FnMut(&str) -> Option<String> + Send + 'static,
     timeout: Duration,
 ) -> Result<String, String> {
     let (tx, rx) = mpsc::channel();
@@ -113,17 +113,22 @@ fn watch_lines(
     }
 }
 
-/// `tessera serve` on an ephemeral port.
+/// `tessera serve` on ephemeral ports.
 pub struct Serve {
     pub proc: Proc,
+    /// The gRPC endpoint, `127.0.0.1:PORT`.
     pub endpoint: String,
+    /// The OpenAI-compatible API's base, `http://127.0.0.1:PORT`.
+    pub http: String,
 }
 
 impl Serve {
-    /// Starts `tessera serve --listen 127.0.0.1:0 ARGS` and waits until it serves.
+    /// Starts `tessera serve --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 ARGS` and waits
+    /// until it serves.
     pub fn start(args: &[&str]) -> Serve {
         let mut cmd = tessera();
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--threads", "2"])
+            .args(["--http-listen", "127.0.0.1:0"])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -140,17 +145,32 @@ impl Serve {
             }
             let _ = etx.send(all);
         });
+        let mut grpc = None;
         let found = watch_lines(
             stdout,
-            |l| {
-                l.strip_prefix("Tessera is serving")
-                    .and_then(|rest| rest.rsplit(" on ").next())
-                    .map(|a| a.trim().to_string())
+            move |l| {
+                if let Some(rest) = l.strip_prefix("Tessera is serving") {
+                    grpc = rest.rsplit(" on ").next().map(|a| a.trim().to_string());
+                }
+                let http = l
+                    .trim()
+                    .strip_prefix("OpenAI API:")?
+                    .split_whitespace()
+                    .next()?;
+                let base = http.trim_end_matches("/v1");
+                Some(format!("{} {base}", grpc.as_deref()?))
             },
             Duration::from_secs(120),
         );
         match found {
-            Ok(endpoint) => Serve { proc, endpoint },
+            Ok(both) => {
+                let (endpoint, http) = both.split_once(' ').expect("two addresses");
+                Serve {
+                    proc,
+                    endpoint: endpoint.to_string(),
+                    http: http.to_string(),
+                }
+            }
             Err(out) => {
                 drop(proc);
                 let err = erx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();

@@ -3,6 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use futures::Stream;
 use tessera_model::{ModelConfig, Tokenizer};
@@ -17,8 +18,8 @@ use tracing::instrument;
 
 use crate::config::defaults;
 use crate::error::CoordinatorError;
-use crate::scheduler::{GenerationParams, SchedulerHandle};
-use crate::state::StateRx;
+use crate::scheduler::{EventRx, GenerationParams, SchedulerHandle};
+use crate::state::{ClusterState, StateRx};
 
 /// New tokens when a request does not say.
 pub const DEFAULT_MAX_TOKENS: usize = 16;
@@ -31,6 +32,7 @@ pub struct GenerationService {
     scheduler: Arc<OnceLock<SchedulerHandle>>,
     info: Arc<OnceLock<ModelInfoResponse>>,
     state: StateRx,
+    started_unix: u64,
 }
 
 impl GenerationService {
@@ -43,6 +45,9 @@ impl GenerationService {
             scheduler: Arc::new(OnceLock::new()),
             info: Arc::new(OnceLock::new()),
             state,
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         }
     }
 
@@ -64,6 +69,36 @@ impl GenerationService {
     /// Checks a request and fills in the defaults; every error names its field.
     pub fn validate(&self, req: &GenerateRequest) -> Result<GenerationParams, CoordinatorError> {
         validate(&self.config, &self.tokenizer, req)
+    }
+
+    /// Queues a validated request with the scheduler.
+    pub fn submit(&self, params: GenerationParams) -> Result<EventRx, CoordinatorError> {
+        self.scheduler()?.submit(params)
+    }
+
+    /// The served model's name.
+    pub fn model_name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The served model's context length in tokens.
+    pub fn context_length(&self) -> usize {
+        self.config.n_positions
+    }
+
+    /// The tokenizer of the served model.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// When this service was made, in seconds since the Unix epoch.
+    pub fn started_unix(&self) -> u64 {
+        self.started_unix
+    }
+
+    /// The cluster's state now.
+    pub fn cluster_state(&self) -> ClusterState {
+        self.state.borrow().clone()
     }
 }
 
@@ -224,6 +259,35 @@ pub fn validate(
         stop: req.stop.clone(),
         ignore_eos: req.ignore_eos,
         logprobs: req.logprobs,
+        deadline: None,
+    })
+}
+
+/// The deadline a gRPC client set (`grpc-timeout`), a little early: the transport cancels
+/// a unary call at the deadline itself, and ending it first lets the client see
+/// DEADLINE_EXCEEDED with the scheduler's message rather than a bare cancellation.
+fn grpc_deadline<T>(req: &Request<T>) -> Option<Instant> {
+    let value = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let timeout = parse_grpc_timeout(value)?;
+    let margin = (timeout / 20).min(Duration::from_millis(20));
+    Some(Instant::now() + timeout - margin)
+}
+
+/// Parses a `grpc-timeout` value: at most 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
     })
 }
 
@@ -236,7 +300,8 @@ impl Generation for GenerationService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        let params = self.validate(request.get_ref())?;
+        let mut params = self.validate(request.get_ref())?;
+        params.deadline = grpc_deadline(&request);
         let mut events = self.scheduler()?.submit(params)?;
         let mut out = GenerateResponse::default();
         while let Some(msg) = events.recv().await {
@@ -263,7 +328,8 @@ impl Generation for GenerationService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let params = self.validate(request.get_ref())?;
+        let mut params = self.validate(request.get_ref())?;
+        params.deadline = grpc_deadline(&request);
         let events = self.scheduler()?.submit(params)?;
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
             events,
@@ -317,6 +383,17 @@ mod tests {
         let e = check(req).unwrap_err();
         assert_eq!(e.code(), code, "{e}");
         assert!(e.to_string().starts_with(field), "{e} should name {field}");
+    }
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("5u"), Some(Duration::from_micros(5)));
+        for bad in ["", "m", "123", "123456789S", "1x", "-1S", "1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

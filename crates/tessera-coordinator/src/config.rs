@@ -12,6 +12,8 @@ use crate::error::StartError;
 pub mod defaults {
     /// Address of the public gRPC API and of worker registration.
     pub const LISTEN: &str = "0.0.0.0:50051";
+    /// Address of the OpenAI-compatible HTTP API of `tessera serve`.
+    pub const SERVE_HTTP_LISTEN: &str = "127.0.0.1:8000";
     /// Weight storage dtype.
     pub const DTYPE: &str = "f32";
     /// Tokens per KV-cache block.
@@ -20,8 +22,9 @@ pub mod defaults {
     pub const KV_CACHE_BYTES: u64 = 512 << 20;
     /// Sequences in one step at most.
     pub const MAX_BATCH_SEQS: usize = 64;
-    /// New tokens in one step at most (prefill and decode together).
-    pub const MAX_BATCH_TOKENS: usize = 4096;
+    /// New tokens in one step at most (prefill chunks and decodes together): prompts
+    /// longer than what is left after the decodes are prefilled in chunks across steps.
+    pub const MAX_BATCH_TOKENS: usize = 2048;
     /// Requests waiting for a place in the batch at most; beyond, RESOURCE_EXHAUSTED.
     pub const MAX_QUEUED: usize = 256;
     /// A worker that does not answer a health check this long has failed.
@@ -68,6 +71,7 @@ pub struct ClusterSection {
     pub tp: Option<usize>,
     pub pp: Option<usize>,
     pub listen: Option<String>,
+    pub http_listen: Option<String>,
     pub worker_timeout_ms: Option<u64>,
     pub register_timeout_ms: Option<u64>,
 }
@@ -125,6 +129,8 @@ pub struct CoordinatorConfig {
     pub tp: usize,
     pub pp: usize,
     pub listen: String,
+    /// Address of the OpenAI-compatible HTTP API; none when absent.
+    pub http_listen: Option<String>,
     pub kv_block_tokens: usize,
     pub kv_cache_bytes: u64,
     pub max_batch_seqs: usize,
@@ -145,6 +151,7 @@ impl CoordinatorConfig {
             tp: 1,
             pp: 1,
             listen: defaults::LISTEN.into(),
+            http_listen: None,
             kv_block_tokens: defaults::KV_BLOCK_TOKENS,
             kv_cache_bytes: defaults::KV_CACHE_BYTES,
             max_batch_seqs: defaults::MAX_BATCH_SEQS,
@@ -185,6 +192,9 @@ impl CoordinatorConfig {
         c.pp = cl.pp.unwrap_or(c.pp);
         if let Some(l) = &cl.listen {
             c.listen = l.clone();
+        }
+        if let Some(l) = &cl.http_listen {
+            c.http_listen = Some(l.clone());
         }
         if let Some(ms) = cl.worker_timeout_ms {
             c.worker_timeout = Duration::from_millis(ms);

@@ -45,6 +45,19 @@ impl CoordinatorError {
         }
     }
 
+    /// The error a status from the scheduler's stream stands for (the HTTP API turns it
+    /// back into its own form).
+    pub fn from_status(s: &Status) -> Self {
+        let m = s.message().to_string();
+        match s.code() {
+            Code::ResourceExhausted => CoordinatorError::ResourceExhausted(m),
+            Code::Unavailable => CoordinatorError::Unavailable(m),
+            Code::DeadlineExceeded => CoordinatorError::DeadlineExceeded(m),
+            Code::Cancelled => CoordinatorError::Cancelled(m),
+            _ => CoordinatorError::Internal(m),
+        }
+    }
+
     /// The gRPC code of this error.
     pub fn code(&self) -> Code {
         match self {

@@ -1,16 +1,30 @@
 //! The scheduler: one task that owns every sequence, the KV blocks and the step loop.
 //!
-//! Requests reach it over a channel ([`SchedulerHandle::submit`]); each step it admits
-//! waiting requests first come, first served while the batch limits and the KV blocks
-//! allow, drops sequences whose client has gone, sends one step with every running
-//! sequence to the workers, and turns the sampled tokens into stream messages. The
-//! coordinator's record of every sequence (prompt and generated tokens) lives here.
+//! Continuous batching over a paged KV cache. Requests reach the scheduler over a channel
+//! ([`SchedulerHandle::submit`]). Before every step it
+//! 1. ends sequences whose client has gone or whose deadline has passed, freeing their
+//!    blocks;
+//! 2. gives each running sequence, oldest first, its next tokens under the step's token
+//!    budget (`max_batch_tokens`): one token for a sequence that decodes, a chunk of the
+//!    prompt for one still in prefill, so a long prompt is spread over several steps and
+//!    never stalls everyone's decoding. Blocks are taken as a sequence grows; when none is
+//!    free, the newest running sequence is preempted: its blocks are freed and it waits at
+//!    the head of the queue to be recomputed (its prompt and generated tokens prefilled
+//!    again), so a request that fits the cache alone never fails for lack of blocks;
+//! 3. admits waiting requests first come, first served into whatever budget, sequence
+//!    slots and blocks are left.
+//!
+//! One step then goes to every worker; the sampled tokens are appended, detokenised and
+//! streamed. The kernels give a row the same result whatever else is in its step, so a
+//! request's tokens do not depend on batching, chunking or preemption. The coordinator's
+//! record of every sequence (prompt and generated tokens) lives here.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use metrics::{counter, gauge, histogram};
 use tessera_model::Tokenizer;
 use tessera_proto::v1::{FinishReason, GenerateStreamResponse};
 use tessera_proto::worker::v1 as pb;
@@ -21,6 +35,7 @@ use tracing::{debug, warn};
 use crate::blocks::BlockManager;
 use crate::detok::TextStream;
 use crate::error::CoordinatorError;
+use crate::metrics as m;
 use crate::state::{fail, ClusterState, StateRx, StateTx};
 use crate::workers::ShardedClient;
 
@@ -40,6 +55,8 @@ pub struct GenerationParams {
     pub stop: Vec<String>,
     pub ignore_eos: bool,
     pub logprobs: bool,
+    /// When the request ends with DEADLINE_EXCEEDED if it has not finished.
+    pub deadline: Option<Instant>,
 }
 
 /// Messages of one request's stream; an `Err` ends it.
@@ -49,6 +66,7 @@ type EventTx = mpsc::UnboundedSender<Result<GenerateStreamResponse, Status>>;
 struct Submission {
     params: GenerationParams,
     events: EventTx,
+    arrived: Instant,
 }
 
 /// Limits of the running batch.
@@ -56,7 +74,7 @@ struct Submission {
 pub struct BatchLimits {
     /// Sequences per step.
     pub max_seqs: usize,
-    /// New tokens per step.
+    /// New tokens per step (prefill chunks and decodes together).
     pub max_tokens: usize,
     /// Requests waiting at most.
     pub max_queued: usize,
@@ -66,7 +84,7 @@ pub struct BatchLimits {
 #[derive(Clone)]
 pub struct SchedulerHandle {
     tx: mpsc::UnboundedSender<Submission>,
-    waiting: Arc<AtomicUsize>,
+    queued: Arc<AtomicUsize>,
     max_queued: usize,
     state: StateRx,
     kv_capacity_tokens: usize,
@@ -75,62 +93,114 @@ pub struct SchedulerHandle {
 
 impl SchedulerHandle {
     /// Queues a request; its messages arrive on the returned receiver. Refused at once when
-    /// the cluster is not serving, the queue is full, or the request could never fit the
-    /// KV cache.
+    /// the cluster is not serving (UNAVAILABLE), the queue is full (RESOURCE_EXHAUSTED), or
+    /// the request could never fit the KV cache, even alone (OUT_OF_RANGE on `max_tokens`).
     pub fn submit(&self, params: GenerationParams) -> Result<EventRx, CoordinatorError> {
+        let reject = |reason: &'static str, e: CoordinatorError| {
+            counter!(m::REQUESTS_REJECTED, "reason" => reason).increment(1);
+            Err(e)
+        };
         if let Some(e) = self.state.borrow().refusal() {
-            return Err(e);
+            return reject("unavailable", e);
         }
         let slots = params.prompt_ids.len() + params.max_new - 1;
         let needed = slots.div_ceil(self.block_tokens) * self.block_tokens;
         if needed > self.kv_capacity_tokens {
-            return Err(CoordinatorError::ResourceExhausted(format!(
-                "the request needs KV cache for {slots} tokens; the cluster holds {}",
-                self.kv_capacity_tokens
-            )));
+            return reject(
+                "too_long",
+                CoordinatorError::out_of_range(
+                    "max_tokens",
+                    format!(
+                        "a prompt of {} tokens and {} new tokens need KV cache for {slots} tokens; \
+                         the cluster holds {}",
+                        params.prompt_ids.len(),
+                        params.max_new,
+                        self.kv_capacity_tokens
+                    ),
+                ),
+            );
         }
-        let waiting = self.waiting.fetch_add(1, Ordering::SeqCst);
-        if waiting >= self.max_queued {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(CoordinatorError::ResourceExhausted(format!(
-                "{waiting} requests are already waiting (max_queued)"
-            )));
+        let queued = self.queued.fetch_add(1, Ordering::SeqCst);
+        if queued >= self.max_queued {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return reject(
+                "queue_full",
+                CoordinatorError::ResourceExhausted(format!(
+                    "{queued} requests are already waiting (max_queued)"
+                )),
+            );
         }
         let (events, rx) = mpsc::unbounded_channel();
-        if self.tx.send(Submission { params, events }).is_err() {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(CoordinatorError::Cancelled(
-                "the scheduler has stopped".into(),
-            ));
+        let sub = Submission {
+            params,
+            events,
+            arrived: Instant::now(),
+        };
+        if self.tx.send(sub).is_err() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return reject(
+                "unavailable",
+                CoordinatorError::Cancelled("the scheduler has stopped".into()),
+            );
         }
         Ok(rx)
     }
+
+    /// Tokens of KV cache the cluster holds.
+    pub fn kv_capacity_tokens(&self) -> usize {
+        self.kv_capacity_tokens
+    }
 }
 
+/// A request from its arrival to its end: waiting, running, or preempted and waiting again.
 struct Sequence {
     id: u64,
     params: GenerationParams,
     events: EventTx,
+    arrived: Instant,
     /// Generated tokens: with the prompt, the coordinator's full record of the sequence.
     generated: Vec<u32>,
-    /// Tokens whose K/V the workers hold.
+    /// Leading tokens of prompt + generated whose K/V the workers hold.
     cached: usize,
     blocks: Vec<u32>,
     text: TextStream,
     seen: BTreeSet<u32>,
+    /// Counted in the submission queue (never admitted yet).
+    queued: bool,
+    last_token_at: Option<Instant>,
 }
 
 impl Sequence {
-    fn next_tokens(&self) -> Vec<u32> {
-        if self.cached == 0 {
-            self.params.prompt_ids.clone()
-        } else {
-            vec![*self
-                .generated
-                .last()
-                .expect("decode follows a sampled token")]
-        }
+    fn len(&self) -> usize {
+        self.params.prompt_ids.len() + self.generated.len()
     }
+
+    /// Tokens still to run through the model before the next sample: the prompt (or its
+    /// rest) on prefill, everything after a preemption, the last sampled token on decode.
+    fn pending(&self) -> usize {
+        self.len() - self.cached
+    }
+
+    /// Tokens `[from, to)` of prompt + generated.
+    fn tokens(&self, from: usize, to: usize) -> Vec<u32> {
+        let p = &self.params.prompt_ids;
+        (from..to)
+            .map(|i| {
+                if i < p.len() {
+                    p[i]
+                } else {
+                    self.generated[i - p.len()]
+                }
+            })
+            .collect()
+    }
+}
+
+/// One sequence's share of a step.
+struct Planned {
+    seq_id: u64,
+    tokens: usize,
+    samples: bool,
 }
 
 /// Per-step timing, for logs and benchmarks.
@@ -144,15 +214,24 @@ pub struct StepTiming {
     pub compute: Duration,
 }
 
+/// Why a sequence left the scheduler.
+enum End {
+    Finished(FinishReason),
+    Failed(&'static str, CoordinatorError),
+}
+
 /// The scheduler task's state.
 pub struct Scheduler {
     rx: mpsc::UnboundedReceiver<Submission>,
-    waiting_count: Arc<AtomicUsize>,
-    waiting: VecDeque<Submission>,
+    queued: Arc<AtomicUsize>,
+    /// Not running: new requests in arrival order, preempted ones ahead of them.
+    waiting: VecDeque<Sequence>,
+    /// The running batch, oldest first.
     running: Vec<Sequence>,
     blocks: BlockManager,
     limits: BatchLimits,
     workers: ShardedClient,
+    worker_labels: Vec<(String, String)>,
     tokenizer: Arc<Tokenizer>,
     eos: u32,
     state_tx: StateTx,
@@ -174,24 +253,30 @@ impl Scheduler {
         first_step_id: u64,
     ) -> (Scheduler, SchedulerHandle) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let waiting = Arc::new(AtomicUsize::new(0));
+        let queued = Arc::new(AtomicUsize::new(0));
         let state = state_tx.subscribe();
         let handle = SchedulerHandle {
             tx,
-            waiting: waiting.clone(),
+            queued: queued.clone(),
             max_queued: limits.max_queued,
             state: state.clone(),
             kv_capacity_tokens: blocks.total() * blocks.block_tokens(),
             block_tokens: blocks.block_tokens(),
         };
+        let worker_labels = workers
+            .workers
+            .iter()
+            .map(|w| (w.spec.stage.to_string(), w.spec.tp_rank.to_string()))
+            .collect();
         let s = Scheduler {
             rx,
-            waiting_count: waiting,
+            queued,
             waiting: VecDeque::new(),
             running: Vec::new(),
             blocks,
             limits,
             workers,
+            worker_labels,
             tokenizer,
             eos,
             state_tx,
@@ -200,6 +285,7 @@ impl Scheduler {
             step_id: first_step_id,
             timing: StepTiming::default(),
         };
+        s.publish();
         (s, handle)
     }
 
@@ -209,7 +295,7 @@ impl Scheduler {
             if self.running.is_empty() && self.waiting.is_empty() {
                 tokio::select! {
                     sub = self.rx.recv() => match sub {
-                        Some(s) => self.waiting.push_back(s),
+                        Some(s) => self.enqueue(s),
                         None => break,
                     },
                     changed = self.state.changed() => {
@@ -218,7 +304,7 @@ impl Scheduler {
                 }
             }
             while let Ok(s) = self.rx.try_recv() {
-                self.waiting.push_back(s);
+                self.enqueue(s);
             }
             let state = self.state.borrow().clone();
             if let Some(e) = state.refusal() {
@@ -228,95 +314,200 @@ impl Scheduler {
                 }
                 continue;
             }
-            self.drop_cancelled();
-            self.admit();
-            if self.running.is_empty() {
+            self.drop_gone();
+            let plan = self.schedule();
+            self.publish();
+            if plan.is_empty() {
                 // Everything waiting was cancelled; wait for more.
                 continue;
             }
-            self.step().await;
+            self.step(plan).await;
+            self.publish();
         }
         let e = CoordinatorError::Cancelled("the server is shutting down".into());
         self.fail_all(&e);
+        self.publish();
         self.timing
     }
 
-    fn drop_cancelled(&mut self) {
-        let before = self.waiting.len();
-        self.waiting.retain(|s| !s.events.is_closed());
-        let gone = before - self.waiting.len();
-        self.waiting_count.fetch_sub(gone, Ordering::SeqCst);
+    fn enqueue(&mut self, sub: Submission) {
+        let seen = if sub.params.repetition_penalty != 1.0 {
+            sub.params.prompt_ids.iter().copied().collect()
+        } else {
+            BTreeSet::new()
+        };
+        let id = self.next_seq;
+        self.next_seq += 1;
+        self.waiting.push_back(Sequence {
+            id,
+            text: TextStream::new(sub.params.stop.clone()),
+            params: sub.params,
+            events: sub.events,
+            arrived: sub.arrived,
+            generated: Vec::new(),
+            cached: 0,
+            blocks: Vec::new(),
+            seen,
+            queued: true,
+            last_token_at: None,
+        });
+    }
+
+    /// Gauges of the batch and the cache.
+    fn publish(&self) {
+        gauge!(m::REQUESTS_RUNNING).set(self.running.len() as f64);
+        gauge!(m::REQUESTS_WAITING).set(self.waiting.len() as f64);
+        gauge!(m::KV_BLOCKS_USED).set(self.blocks.used() as f64);
+        gauge!(m::KV_BLOCKS_TOTAL).set(self.blocks.total() as f64);
+    }
+
+    /// Ends, freeing their blocks, the sequences whose client has gone (a dropped stream
+    /// or a closed connection) and those whose deadline has passed.
+    fn drop_gone(&mut self) {
+        let now = Instant::now();
+        let why = |s: &Sequence| -> Option<End> {
+            if s.events.is_closed() {
+                return Some(End::Failed(
+                    "cancelled",
+                    CoordinatorError::Cancelled("the client went away".into()),
+                ));
+            }
+            match s.params.deadline {
+                Some(d) if d <= now => Some(End::Failed(
+                    "deadline",
+                    CoordinatorError::DeadlineExceeded(format!(
+                        "deadline: the request's deadline passed after {} of {} new tokens",
+                        s.generated.len(),
+                        s.params.max_new
+                    )),
+                )),
+                _ => None,
+            }
+        };
+        let mut i = 0;
+        while i < self.waiting.len() {
+            match why(&self.waiting[i]) {
+                Some(end) => {
+                    let seq = self.waiting.remove(i).expect("index in range");
+                    self.end(seq, end);
+                }
+                None => i += 1,
+            }
+        }
         let mut i = 0;
         while i < self.running.len() {
-            if self.running[i].events.is_closed() {
-                let seq = self.running.swap_remove(i);
-                debug!(seq = seq.id, "client gone; sequence dropped");
-                self.blocks.release(seq.blocks);
-            } else {
-                i += 1;
+            match why(&self.running[i]) {
+                Some(end) => {
+                    let seq = self.running.remove(i);
+                    self.end(seq, end);
+                }
+                None => i += 1,
             }
         }
     }
 
-    /// Admits waiting requests first come, first served while the step's sequence and
-    /// token budgets and the free KV blocks allow. Blocks for the whole generation are
-    /// taken up front, so an admitted sequence always runs to its end.
-    fn admit(&mut self) {
-        let mut tokens: usize = self.running.len();
-        while let Some(front) = self.waiting.front() {
-            let p = &front.params;
-            if self.running.len() >= self.limits.max_seqs {
+    /// Chooses the next step: the running sequences' tokens first (preempting the newest
+    /// when blocks run out), then new admissions. Sequences planned are `running[..n]`.
+    fn schedule(&mut self) -> Vec<Planned> {
+        let mut budget = self.limits.max_tokens;
+        let mut plan = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let seq = &self.running[i];
+            let n = seq.pending().min(budget);
+            let want = self.blocks.blocks_for(seq.cached + n) - seq.blocks.len();
+            if !self.grow(i, want) {
+                // Sequence `i` was the newest and has been preempted itself.
                 break;
             }
-            let first = self.running.is_empty();
-            if !first && tokens + p.prompt_ids.len() > self.limits.max_tokens {
-                break;
-            }
-            let slots = p.prompt_ids.len() + p.max_new - 1;
-            let Some(blocks) = self.blocks.allocate(self.blocks.blocks_for(slots)) else {
-                break;
-            };
-            let sub = self.waiting.pop_front().expect("front exists");
-            self.waiting_count.fetch_sub(1, Ordering::SeqCst);
-            tokens += sub.params.prompt_ids.len();
-            let seen = if sub.params.repetition_penalty != 1.0 {
-                sub.params.prompt_ids.iter().copied().collect()
-            } else {
-                BTreeSet::new()
-            };
-            let id = self.next_seq;
-            self.next_seq += 1;
-            self.running.push(Sequence {
-                id,
-                text: TextStream::new(sub.params.stop.clone()),
-                params: sub.params,
-                events: sub.events,
-                generated: Vec::new(),
-                cached: 0,
-                blocks,
-                seen,
+            let seq = &self.running[i];
+            plan.push(Planned {
+                seq_id: seq.id,
+                tokens: n,
+                samples: seq.cached + n == seq.len(),
             });
+            budget -= n;
+            i += 1;
+        }
+        // Admissions only once every running sequence has its place: first come, first
+        // served, and a preempted sequence (at the head) comes back before anything newer.
+        if i == self.running.len() {
+            while budget > 0 && self.running.len() < self.limits.max_seqs {
+                let Some(front) = self.waiting.front() else {
+                    break;
+                };
+                let n = front.pending().min(budget);
+                let Some(blocks) = self.blocks.allocate(self.blocks.blocks_for(n)) else {
+                    break;
+                };
+                let mut seq = self.waiting.pop_front().expect("front exists");
+                if std::mem::take(&mut seq.queued) {
+                    self.queued.fetch_sub(1, Ordering::SeqCst);
+                    counter!(m::PROMPT_TOKENS).increment(seq.params.prompt_ids.len() as u64);
+                }
+                seq.blocks = blocks;
+                plan.push(Planned {
+                    seq_id: seq.id,
+                    tokens: n,
+                    samples: n == seq.len(),
+                });
+                budget -= n;
+                self.running.push(seq);
+            }
+        }
+        plan
+    }
+
+    /// Gives running sequence `i` `want` more blocks, preempting the newest running
+    /// sequences until they are free. False when `i` itself had to go.
+    fn grow(&mut self, i: usize, want: usize) -> bool {
+        loop {
+            if let Some(more) = self.blocks.allocate(want) {
+                self.running[i].blocks.extend(more);
+                return true;
+            }
+            let newest = self.running.len() - 1;
+            self.preempt(newest);
+            if newest == i {
+                return false;
+            }
         }
     }
 
-    fn build_step(&mut self) -> pb::StepRequest {
+    /// Frees running sequence `i`'s blocks and puts it at the head of the queue, to be
+    /// prefilled again from the coordinator's record when there is room.
+    fn preempt(&mut self, i: usize) {
+        let mut seq = self.running.remove(i);
+        debug!(
+            seq = seq.id,
+            tokens = seq.len(),
+            "KV cache full; sequence preempted"
+        );
+        counter!(m::PREEMPTIONS).increment(1);
+        self.blocks.release(std::mem::take(&mut seq.blocks));
+        seq.cached = 0;
+        self.waiting.push_front(seq);
+    }
+
+    fn build_step(&mut self, plan: &[Planned]) -> pb::StepRequest {
         self.step_id += 1;
-        let seqs = self
-            .running
+        let seqs = plan
             .iter()
-            .map(|s| {
-                let p = &s.params;
+            .zip(&self.running)
+            .map(|(p, s)| {
+                debug_assert_eq!(p.seq_id, s.id, "the plan follows the running order");
+                let params = &s.params;
                 pb::SeqStep {
                     seq_id: s.id,
-                    tokens: s.next_tokens(),
+                    tokens: s.tokens(s.cached, s.cached + p.tokens),
                     start_pos: s.cached as u32,
                     block_table: s.blocks.clone(),
-                    sample: Some(pb::SampleSpec {
-                        temperature: p.temperature,
-                        top_k: p.top_k,
-                        top_p: p.top_p,
-                        seed: p.seed,
-                        repetition_penalty: p.repetition_penalty,
+                    sample: p.samples.then(|| pb::SampleSpec {
+                        temperature: params.temperature,
+                        top_k: params.top_k,
+                        top_p: params.top_p,
+                        seed: params.seed,
+                        repetition_penalty: params.repetition_penalty,
                         penalty_ids: s.seen.iter().copied().collect(),
                         return_logits: false,
                     }),
@@ -330,70 +521,93 @@ impl Scheduler {
         }
     }
 
-    async fn step(&mut self) {
-        let req = self.build_step();
+    async fn step(&mut self, plan: Vec<Planned>) {
+        let req = self.build_step(&plan);
         let workers = self.workers.clone();
         let mut state = self.state.clone();
         let outcome = tokio::select! {
             r = workers.step(req) => Some(r),
             _ = state.wait_for(|s| *s != ClusterState::Serving) => None,
         };
-        match outcome {
+        let reply = match outcome {
             None => {
                 // The health monitor marked the cluster failed while the step ran; the
                 // next turn of the loop ends every sequence with its message.
+                return;
             }
             Some(Err(f)) if f.invalid => {
                 let e = CoordinatorError::Internal(format!("a step was refused: {}", f.message));
                 warn!("{e}");
                 for seq in std::mem::take(&mut self.running) {
-                    let _ = seq.events.send(Err(e.clone().into()));
-                    self.blocks.release(seq.blocks);
+                    self.end(seq, End::Failed("error", e.clone()));
                 }
+                return;
             }
-            Some(Err(f)) => fail(&self.state_tx, f.message),
-            Some(Ok(reply)) => {
-                self.timing.steps += 1;
-                self.timing.wall += reply.wall;
-                self.timing.compute += reply.max_compute;
-                debug!(
-                    step = self.step_id,
-                    seqs = self.running.len(),
-                    wall_us = reply.wall.as_micros() as u64,
-                    compute_us = reply.max_compute.as_micros() as u64,
-                    "step"
-                );
-                let by_seq: HashMap<u64, pb::SeqResult> =
-                    reply.results.into_iter().map(|r| (r.seq_id, r)).collect();
-                let mut i = 0;
-                while i < self.running.len() {
-                    let finished = match by_seq.get(&self.running[i].id) {
-                        Some(r) => self.advance(i, r.token_id, r.logprob),
-                        None => {
-                            let e = CoordinatorError::Internal(format!(
-                                "the step returned no token for sequence {}",
-                                self.running[i].id
-                            ));
-                            let _ = self.running[i].events.send(Err(e.into()));
-                            true
-                        }
-                    };
-                    if finished {
-                        let seq = self.running.swap_remove(i);
-                        self.blocks.release(seq.blocks);
-                    } else {
-                        i += 1;
-                    }
-                }
+            Some(Err(f)) => {
+                fail(&self.state_tx, f.message);
+                return;
+            }
+            Some(Ok(reply)) => reply,
+        };
+        self.timing.steps += 1;
+        self.timing.wall += reply.wall;
+        self.timing.compute += reply.max_compute;
+        let tokens: usize = plan.iter().map(|p| p.tokens).sum();
+        counter!(m::STEPS).increment(1);
+        histogram!(m::STEP_DURATION).record(reply.wall.as_secs_f64());
+        histogram!(m::STEP_TOKENS).record(tokens as f64);
+        for ((stage, rank), t) in self.worker_labels.iter().zip(&reply.compute) {
+            histogram!(m::WORKER_STEP_DURATION, "stage" => stage.clone(), "tp_rank" => rank.clone())
+                .record(t.as_secs_f64());
+        }
+        debug!(
+            step = self.step_id,
+            seqs = plan.len(),
+            tokens,
+            wall_us = reply.wall.as_micros() as u64,
+            compute_us = reply.max_compute.as_micros() as u64,
+            "step"
+        );
+        let mut by_seq: HashMap<u64, pb::SeqResult> =
+            reply.results.into_iter().map(|r| (r.seq_id, r)).collect();
+        let now = Instant::now();
+        // `plan[k]` is `running[k]`; walk backwards so removals keep earlier indices.
+        for (k, p) in plan.iter().enumerate().rev() {
+            self.running[k].cached += p.tokens;
+            if !p.samples {
+                continue;
+            }
+            let end = match by_seq.remove(&p.seq_id) {
+                Some(r) => self.advance(k, r.token_id, r.logprob, now),
+                None => Some(End::Failed(
+                    "error",
+                    CoordinatorError::Internal(format!(
+                        "the step returned no token for sequence {}",
+                        p.seq_id
+                    )),
+                )),
+            };
+            if let Some(end) = end {
+                let seq = self.running.remove(k);
+                self.end(seq, end);
             }
         }
     }
 
-    /// Appends a sampled token to sequence `i`, streams it, and says whether it finished.
-    fn advance(&mut self, i: usize, token: u32, logprob: f32) -> bool {
+    /// Appends a sampled token to running sequence `i`, streams it, and says whether and
+    /// why the sequence ended.
+    fn advance(&mut self, i: usize, token: u32, logprob: f32, now: Instant) -> Option<End> {
         let eos = self.eos;
         let seq = &mut self.running[i];
-        seq.cached += seq.next_tokens().len();
+        match seq.last_token_at {
+            None => histogram!(m::TIME_TO_FIRST_TOKEN)
+                .record(now.duration_since(seq.arrived).as_secs_f64()),
+            Some(t) => {
+                histogram!(m::TIME_PER_OUTPUT_TOKEN).record(now.duration_since(t).as_secs_f64())
+            }
+        }
+        seq.last_token_at = Some(now);
+        counter!(m::GENERATED_TOKENS).increment(1);
         seq.generated.push(token);
         if seq.params.repetition_penalty != 1.0 {
             seq.seen.insert(token);
@@ -438,22 +652,45 @@ impl Scheduler {
             msg.seed = seq.params.seed;
         }
         let _ = seq.events.send(Ok(msg));
-        finish.is_some()
+        finish.map(End::Finished)
+    }
+
+    /// Frees a sequence's blocks, counts its end and, on failure, tells its client.
+    fn end(&mut self, mut seq: Sequence, end: End) {
+        self.blocks.release(std::mem::take(&mut seq.blocks));
+        if seq.queued {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+        }
+        let reason = match end {
+            End::Finished(FinishReason::Length) => "length",
+            End::Finished(_) => "stop",
+            End::Failed(reason, e) => {
+                debug!(seq = seq.id, "sequence ended: {e}");
+                let _ = seq.events.send(Err(e.into()));
+                reason
+            }
+        };
+        counter!(m::REQUESTS_FINISHED, "reason" => reason).increment(1);
+        histogram!(m::REQUEST_DURATION, "reason" => reason)
+            .record(seq.arrived.elapsed().as_secs_f64());
     }
 
     fn fail_all(&mut self, e: &CoordinatorError) {
+        let reason = if matches!(e, CoordinatorError::Cancelled(_)) {
+            "cancelled"
+        } else {
+            "error"
+        };
         for seq in std::mem::take(&mut self.running) {
-            let _ = seq.events.send(Err(e.clone().into()));
-            self.blocks.release(seq.blocks);
+            self.end(seq, End::Failed(reason, e.clone()));
         }
-        for sub in std::mem::take(&mut self.waiting) {
-            let _ = sub.events.send(Err(e.clone().into()));
-            self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+        for seq in std::mem::take(&mut self.waiting) {
+            self.end(seq, End::Failed(reason, e.clone()));
         }
         // Requests that arrive later are refused by `submit`; drain any that raced it.
         while let Ok(sub) = self.rx.try_recv() {
             let _ = sub.events.send(Err(e.clone().into()));
-            self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+            self.queued.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }

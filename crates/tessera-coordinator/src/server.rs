@@ -28,6 +28,7 @@ use crate::workers::{ShardedClient, WorkerClient};
 /// A running coordinator.
 pub struct Coordinator {
     addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     state: StateRx,
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<(), StartError>>,
@@ -89,6 +90,7 @@ impl Coordinator {
     /// listener is bound; [`Coordinator::state`] tells when the cluster serves.
     pub async fn start(config: CoordinatorConfig) -> Result<Coordinator, StartError> {
         config.validate()?;
+        crate::metrics::recorder();
         let model = open_model(&config.model)?;
         let plan = ShardPlan::new(&model.config, config.tp, config.pp)?;
         let kv_blocks = kv_blocks(&model.config, &plan, &config)?;
@@ -155,6 +157,38 @@ impl Coordinator {
             );
         let server = tokio::spawn(server);
 
+        let http = match &config.http_listen {
+            None => None,
+            Some(at) => {
+                let listener = tokio::net::TcpListener::bind(at).await.map_err(|source| {
+                    StartError::Listen {
+                        addr: at.clone(),
+                        source,
+                    }
+                })?;
+                let addr = listener.local_addr().map_err(|source| StartError::Listen {
+                    addr: at.clone(),
+                    source,
+                })?;
+                let mut rx = stop_rx.clone();
+                let app = crate::http::router(api.clone());
+                let task = tokio::spawn(async move {
+                    let stopped = async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    };
+                    if let Err(e) = axum::serve(listener, app)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                    {
+                        warn!("HTTP server: {e}");
+                    }
+                });
+                info!(%addr, "OpenAI-compatible HTTP API listening");
+                Some((addr, task))
+            }
+        };
+        let http_addr = http.as_ref().map(|(a, _)| *a);
+
         // Health follows the cluster state: SERVING only while every worker is ready.
         {
             let mut rx = state_rx.clone();
@@ -192,12 +226,16 @@ impl Coordinator {
         };
         let task = tokio::spawn(async move {
             let result = bring_up.run().await;
-            // Whatever ended the coordinator, the listener closes with it.
+            // Whatever ended the coordinator, the listeners close with it.
             server.abort();
+            if let Some((_, task)) = http {
+                task.abort();
+            }
             result
         });
         Ok(Coordinator {
             addr,
+            http_addr,
             state: state_rx,
             stop,
             task,
@@ -207,6 +245,11 @@ impl Coordinator {
     /// The bound address of the gRPC listener.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bound address of the HTTP API, when it listens.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// The cluster's state, to watch for `Serving` or `Failed`.

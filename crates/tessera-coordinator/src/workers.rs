@@ -107,6 +107,8 @@ pub struct StepReply {
     pub results: Vec<pb::SeqResult>,
     /// The longest compute time any worker reported.
     pub max_compute: Duration,
+    /// Each worker's compute time, in plan order.
+    pub compute: Vec<Duration>,
     /// Wall time of the whole fan-out.
     pub wall: Duration,
 }
@@ -164,6 +166,7 @@ impl ShardedClient {
         let mut reply = StepReply {
             results: Vec::new(),
             max_compute: Duration::ZERO,
+            compute: Vec::with_capacity(self.workers.len()),
             wall,
         };
         let mut failed = Vec::new();
@@ -172,13 +175,18 @@ impl ShardedClient {
             match r {
                 Ok(r) => {
                     let r = r.into_inner();
-                    reply.max_compute = reply.max_compute.max(Duration::from_micros(r.compute_us));
+                    let compute = Duration::from_micros(r.compute_us);
+                    reply.max_compute = reply.max_compute.max(compute);
+                    reply.compute.push(compute);
                     if r.reports {
                         reported = true;
                         reply.results = r.results;
                     }
                 }
-                Err(s) => failed.push((i, s)),
+                Err(s) => {
+                    reply.compute.push(Duration::ZERO);
+                    failed.push((i, s))
+                }
             }
         }
         if failed.is_empty() {

@@ -38,12 +38,17 @@ pub struct ClusterArgs {
     /// Sequences in one step at most.
     #[arg(long, value_name = "N")]
     pub max_batch_seqs: Option<usize>,
-    /// New tokens in one step at most (prompts and decodes together).
+    /// New tokens in one step at most (prompts and decodes together, default 2048); longer
+    /// prompts are prefilled in chunks so that running sequences keep decoding.
     #[arg(long, value_name = "N")]
     pub max_batch_tokens: Option<usize>,
     /// Requests waiting for the batch at most; beyond it they get RESOURCE_EXHAUSTED.
     #[arg(long, value_name = "N")]
     pub max_queued: Option<usize>,
+    /// Address of the OpenAI-compatible HTTP API (POST /v1/completions, GET /v1/models,
+    /// /health, /metrics).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub http_listen: Option<String>,
     /// Milliseconds a worker may go without answering a health check before it is
     /// declared failed (default 5000).
     #[arg(long, value_name = "MS")]
@@ -97,6 +102,9 @@ impl ClusterArgs {
         }
         if let Some(v) = self.max_queued {
             c.max_queued = v;
+        }
+        if let Some(v) = &self.http_listen {
+            c.http_listen = Some(v.clone());
         }
         if let Some(v) = self.worker_timeout_ms {
             c.worker_timeout = Duration::from_millis(v);

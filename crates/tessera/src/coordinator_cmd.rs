@@ -50,6 +50,9 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     runtime.block_on(async move {
         let coordinator = Coordinator::start(config.clone()).await?;
         let addr = coordinator.local_addr();
+        if let Some(http) = coordinator.http_addr() {
+            eprintln!("OpenAI-compatible API on http://{http}/v1");
+        }
         eprintln!(
             "coordinator on {addr}: waiting for {} workers (tessera worker --coordinator {addr})",
             config.tp * config.pp

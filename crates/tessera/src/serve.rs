@@ -19,7 +19,7 @@ use crate::cluster_args::ClusterArgs;
 pub const DEFAULT_PRESET: &str = "gpt2-tiny";
 
 /// Arguments of `tessera serve`. With no flags: the gpt2-tiny preset (synthetic weights),
-/// TP=2, PP=1, on 127.0.0.1:50051.
+/// TP=2, PP=1, gRPC on 127.0.0.1:50051 and the OpenAI-compatible API on 127.0.0.1:8000.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     #[command(flatten)]
@@ -41,6 +41,9 @@ pub fn config(args: &ServeArgs) -> Result<CoordinatorConfig> {
     c.tp = 2;
     args.cluster.apply(&mut c)?;
     c.listen = args.listen.clone();
+    if c.http_listen.is_none() {
+        c.http_listen = Some(tessera_coordinator::config::defaults::SERVE_HTTP_LISTEN.into());
+    }
     c.register_timeout = Duration::from_secs(60);
     c.validate()?;
     Ok(c)
@@ -180,8 +183,11 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             config.pp,
             world
         );
-        println!("  gRPC API: {dial} (tessera.v1.Generation, grpc.health.v1, reflection)");
-        println!("  try:      tessera generate --endpoint {dial} --prompt \"The cluster\" --stream");
+        println!("  gRPC API:   {dial} (tessera.v1.Generation, grpc.health.v1, reflection)");
+        if let Some(http) = coordinator.http_addr() {
+            println!("  OpenAI API: http://{http}/v1 (completions, models; also /health, /metrics)");
+        }
+        println!("  try:        tessera generate --endpoint {dial} --prompt \"The cluster\" --stream");
         println!("Ctrl-C stops the cluster.");
         let mut reported = false;
         loop {
