@@ -568,8 +568,14 @@ impl Scheduler {
             compute_us = reply.max_compute.as_micros() as u64,
             "step"
         );
+        self.finish_step(&plan, reply.results);
+    }
+
+    /// Applies a step's results: every planned sequence has its tokens cached, and those
+    /// that sampled get their token appended, streamed, and are ended when done.
+    fn finish_step(&mut self, plan: &[Planned], results: Vec<pb::SeqResult>) {
         let mut by_seq: HashMap<u64, pb::SeqResult> =
-            reply.results.into_iter().map(|r| (r.seq_id, r)).collect();
+            results.into_iter().map(|r| (r.seq_id, r)).collect();
         let now = Instant::now();
         // `plan[k]` is `running[k]`; walk backwards so removals keep earlier indices.
         for (k, p) in plan.iter().enumerate().rev() {
@@ -692,5 +698,224 @@ impl Scheduler {
             let _ = sub.events.send(Err(e.clone().into()));
             self.queued.fetch_sub(1, Ordering::SeqCst);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::watch;
+
+    const EOS: u32 = 50256;
+
+    fn scheduler(
+        blocks: usize,
+        block_tokens: usize,
+        limits: BatchLimits,
+    ) -> (Scheduler, SchedulerHandle) {
+        let (state_tx, _) = watch::channel(ClusterState::Serving);
+        Scheduler::new(
+            ShardedClient::new(Vec::new(), 1),
+            BlockManager::new(blocks, block_tokens),
+            limits,
+            Arc::new(Tokenizer::gpt2()),
+            EOS,
+            state_tx,
+            1,
+        )
+    }
+
+    fn limits(max_seqs: usize, max_tokens: usize) -> BatchLimits {
+        BatchLimits {
+            max_seqs,
+            max_tokens,
+            max_queued: 16,
+        }
+    }
+
+    fn params(prompt: usize, max_new: usize) -> GenerationParams {
+        GenerationParams {
+            prompt_ids: (0..prompt as u32).map(|i| 100 + i).collect(),
+            max_new,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            repetition_penalty: 1.0,
+            stop: Vec::new(),
+            ignore_eos: true,
+            logprobs: false,
+            deadline: None,
+        }
+    }
+
+    /// Takes what was submitted, plans a step and completes it as a worker would, every
+    /// sampled token being `token`. Returns `(seq_id, tokens, samples)` of the plan.
+    fn turn(s: &mut Scheduler, token: u32) -> Vec<(u64, usize, bool)> {
+        while let Ok(sub) = s.rx.try_recv() {
+            s.enqueue(sub);
+        }
+        s.drop_gone();
+        let plan = s.schedule();
+        let step = s.build_step(&plan);
+        for (p, seq) in plan.iter().zip(&step.seqs) {
+            assert_eq!(seq.tokens.len(), p.tokens);
+            let needed = (seq.start_pos as usize + p.tokens).div_ceil(s.blocks.block_tokens());
+            assert_eq!(seq.block_table.len(), needed, "exactly the blocks in use");
+        }
+        let results = plan
+            .iter()
+            .filter(|p| p.samples)
+            .map(|p| pb::SeqResult {
+                seq_id: p.seq_id,
+                token_id: token,
+                ..Default::default()
+            })
+            .collect();
+        let out = plan
+            .iter()
+            .map(|p| (p.seq_id, p.tokens, p.samples))
+            .collect();
+        s.finish_step(&plan, results);
+        out
+    }
+
+    fn drain(rx: &mut EventRx) -> (Vec<u32>, Option<Status>) {
+        let mut ids = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            match m {
+                Ok(m) => ids.extend(m.token_ids),
+                Err(e) => return (ids, Some(e)),
+            }
+        }
+        (ids, None)
+    }
+
+    #[test]
+    fn a_long_prompt_is_prefilled_in_chunks_under_the_token_budget() {
+        let (mut s, h) = scheduler(64, 4, limits(8, 8));
+        let mut rx = h.submit(params(20, 2)).unwrap();
+        assert_eq!(turn(&mut s, 7), vec![(0, 8, false)]);
+        assert_eq!(turn(&mut s, 7), vec![(0, 8, false)]);
+        assert_eq!(
+            turn(&mut s, 7),
+            vec![(0, 4, true)],
+            "the last chunk samples"
+        );
+        assert_eq!(turn(&mut s, 7), vec![(0, 1, true)], "then decode");
+        assert_eq!(drain(&mut rx).0, vec![7, 7]);
+        assert!(s.running.is_empty());
+        assert_eq!(s.blocks.used(), 0, "a finished sequence frees its blocks");
+    }
+
+    #[test]
+    fn running_sequences_decode_before_a_new_prompt_takes_the_rest_of_the_budget() {
+        let (mut s, h) = scheduler(64, 4, limits(8, 8));
+        let _a = h.submit(params(3, 10)).unwrap();
+        assert_eq!(turn(&mut s, 7), vec![(0, 3, true)]);
+        let _b = h.submit(params(20, 2)).unwrap();
+        assert_eq!(turn(&mut s, 7), vec![(0, 1, true), (1, 7, false)]);
+        assert_eq!(turn(&mut s, 7), vec![(0, 1, true), (1, 7, false)]);
+        assert_eq!(turn(&mut s, 7), vec![(0, 1, true), (1, 6, true)]);
+        assert_eq!(turn(&mut s, 7), vec![(0, 1, true), (1, 1, true)]);
+    }
+
+    #[test]
+    fn admission_is_first_come_first_served_within_the_sequence_limit() {
+        let (mut s, h) = scheduler(64, 4, limits(2, 64));
+        let _rx: Vec<_> = (0..4).map(|_| h.submit(params(2, 2)).unwrap()).collect();
+        assert_eq!(turn(&mut s, 7), vec![(0, 2, true), (1, 2, true)]);
+        assert_eq!(turn(&mut s, 7), vec![(0, 1, true), (1, 1, true)]);
+        assert_eq!(turn(&mut s, 7), vec![(2, 2, true), (3, 2, true)]);
+    }
+
+    #[test]
+    fn the_newest_sequence_is_preempted_and_recomputed_with_its_tokens() {
+        // 4 blocks of 4 slots: each request alone needs 4 (6 + 10 - 1 = 15 slots).
+        let (mut s, h) = scheduler(4, 4, limits(8, 64));
+        let mut a = h.submit(params(6, 10)).unwrap();
+        let mut b = h.submit(params(6, 10)).unwrap();
+        assert_eq!(turn(&mut s, 7), vec![(0, 6, true), (1, 6, true)]);
+        assert_eq!(s.blocks.used(), 4);
+        // Both now hold 7 tokens (6 + 1 sampled); caching the 7th and 8th fits the two
+        // blocks each has; the 9th needs a third block, which only B's preemption frees.
+        assert_eq!(turn(&mut s, 7), vec![(0, 1, true), (1, 1, true)]);
+        assert_eq!(turn(&mut s, 7), vec![(0, 1, true), (1, 1, true)]);
+        assert_eq!(turn(&mut s, 8), vec![(0, 1, true)], "B was preempted");
+        assert_eq!(s.waiting.len(), 1);
+        assert_eq!(s.waiting[0].id, 1);
+        assert_eq!(s.waiting[0].cached, 0, "B's cache is gone");
+        let mut steps = 0;
+        let mut recomputed = false;
+        while !s.running.is_empty() || !s.waiting.is_empty() {
+            let plan = turn(&mut s, 9);
+            if let Some(&(1, n, samples)) = plan.iter().find(|p| p.0 == 1 && p.1 > 1) {
+                assert_eq!(
+                    n,
+                    6 + 3,
+                    "B re-prefills its prompt and its generated tokens"
+                );
+                assert!(samples);
+                recomputed = true;
+            }
+            steps += 1;
+            assert!(steps < 64, "no livelock");
+        }
+        assert!(recomputed);
+        let (a_ids, a_err) = drain(&mut a);
+        let (b_ids, b_err) = drain(&mut b);
+        assert!(a_err.is_none() && b_err.is_none());
+        assert_eq!(a_ids.len(), 10);
+        assert_eq!(b_ids.len(), 10);
+        assert_eq!(
+            &b_ids[..3],
+            &[7, 7, 7],
+            "tokens streamed before the preemption stay"
+        );
+        assert_eq!(s.blocks.used(), 0);
+    }
+
+    #[test]
+    fn submission_refuses_a_full_queue_and_a_request_that_can_never_fit() {
+        let (s, h) = scheduler(
+            4,
+            4,
+            BatchLimits {
+                max_seqs: 1,
+                max_tokens: 64,
+                max_queued: 2,
+            },
+        );
+        let _a = h.submit(params(2, 2)).unwrap();
+        let _b = h.submit(params(2, 2)).unwrap();
+        let e = h.submit(params(2, 2)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+        let e = h.submit(params(10, 8)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::OutOfRange, "{e}");
+        assert!(e.to_string().starts_with("max_tokens"), "{e}");
+        drop(s);
+    }
+
+    #[test]
+    fn cancelled_and_expired_requests_free_their_blocks() {
+        let (mut s, h) = scheduler(64, 4, limits(8, 64));
+        let a = h.submit(params(5, 20)).unwrap();
+        let mut late = params(5, 20);
+        late.deadline = Some(Instant::now() + Duration::from_millis(30));
+        let mut b = h.submit(late).unwrap();
+        let mut c = h.submit(params(5, 20)).unwrap();
+        turn(&mut s, 7);
+        assert_eq!(s.blocks.used(), 6);
+        drop(a);
+        turn(&mut s, 7);
+        assert_eq!(s.running.len(), 2, "the dropped stream's sequence is gone");
+        std::thread::sleep(Duration::from_millis(40));
+        turn(&mut s, 7);
+        assert_eq!(s.running.len(), 1);
+        let (_, err) = drain(&mut b);
+        assert_eq!(err.unwrap().code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(s.blocks.used(), 2, "only C's blocks remain");
+        assert_eq!(drain(&mut c).0.len(), 3);
+        assert_eq!(h.queued.load(Ordering::SeqCst), 0);
     }
 }
