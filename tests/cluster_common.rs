@@ -314,3 +314,49 @@ pub fn listening_ports(pid: u32) -> Vec<u16> {
     ports.dedup();
     ports
 }
+
+/// The sum of every series of metric `name` at `GET {http}/metrics`.
+pub async fn metric(http: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{http}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    parse_metric(&text, name)
+}
+
+/// The sum of every series of `name` in a Prometheus text exposition.
+pub fn parse_metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = if rest.starts_with('{') {
+                rest.split_once("} ")?.1
+            } else {
+                rest.strip_prefix(' ')?
+            };
+            value.trim().parse::<f64>().ok()
+        })
+        .sum()
+}
+
+/// Waits until no sequence runs and no KV block is used, and says how long that took;
+/// panics after `timeout`.
+pub async fn wait_idle(http: &str, timeout: Duration) -> Duration {
+    let start = std::time::Instant::now();
+    loop {
+        let running = metric(http, "tessera_requests_running").await;
+        let used = metric(http, "tessera_kv_blocks_used").await;
+        let waiting = metric(http, "tessera_requests_waiting").await;
+        if running == 0.0 && used == 0.0 && waiting == 0.0 {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "still busy after {timeout:?}: {running} running, {waiting} waiting, {used} KV blocks used"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -239,6 +239,8 @@ pub struct Scheduler {
     next_seq: u64,
     step_id: u64,
     timing: StepTiming,
+    /// A moving average of recent steps' wall time.
+    recent_step: Duration,
 }
 
 impl Scheduler {
@@ -284,6 +286,7 @@ impl Scheduler {
             next_seq: 0,
             step_id: first_step_id,
             timing: StepTiming::default(),
+            recent_step: Duration::ZERO,
         };
         s.publish();
         (s, handle)
@@ -362,9 +365,11 @@ impl Scheduler {
     }
 
     /// Ends, freeing their blocks, the sequences whose client has gone (a dropped stream
-    /// or a closed connection) and those whose deadline has passed.
+    /// or a closed connection) and those whose deadline would pass before the next step
+    /// ends (no token could reach them in time, and the client learns it before the
+    /// transport's own timer cancels the call).
     fn drop_gone(&mut self) {
-        let now = Instant::now();
+        let now = Instant::now() + self.recent_step;
         let why = |s: &Sequence| -> Option<End> {
             if s.events.is_closed() {
                 return Some(End::Failed(
@@ -551,6 +556,7 @@ impl Scheduler {
         };
         self.timing.steps += 1;
         self.timing.wall += reply.wall;
+        self.recent_step = (self.recent_step * 3 + reply.wall) / 4;
         self.timing.compute += reply.max_compute;
         let tokens: usize = plan.iter().map(|p| p.tokens).sum();
         counter!(m::STEPS).increment(1);
