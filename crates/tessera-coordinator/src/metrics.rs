@@ -89,6 +89,11 @@ pub fn recorder() -> Option<&'static PrometheusHandle> {
                 .ok()?;
             let handle = builder.install_recorder().ok()?;
             describe();
+            // Counters are exported from the start, at 0, so that a rate over them has a
+            // first sample (and a dashboard shows "no preemptions" rather than nothing).
+            for name in [PREEMPTIONS, GENERATED_TOKENS, PROMPT_TOKENS, STEPS] {
+                metrics::counter!(name).absolute(0);
+            }
             Some(handle)
         })
         .as_ref()
