@@ -24,6 +24,8 @@ pub enum BenchCommand {
     Decode(DecodeArgs),
     /// Decode latency per token as a client of a running cluster sees it (streaming).
     Cluster(crate::bench_cluster::ClusterArgs),
+    /// Output tokens/s of a running cluster at 1, 8, 32, 64 concurrent clients.
+    Throughput(crate::bench_throughput::ThroughputArgs),
 }
 
 #[derive(Debug, Args)]
@@ -180,6 +182,7 @@ fn torch(args: &DecodeArgs, python: &PathBuf, threads: usize) -> Result<Vec<Deco
 pub fn bench(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Cluster(args) => crate::bench_cluster::bench_cluster(args),
+        BenchCommand::Throughput(args) => crate::bench_throughput::bench_throughput(args),
         BenchCommand::Decode(args) => {
             let threads = init_threads(args.threads)?;
             let mut results = Vec::new();

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_cluster;
+mod bench_throughput;
 mod cluster_args;
 mod coordinator_cmd;
 mod generate_cmd;
