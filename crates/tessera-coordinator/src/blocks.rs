@@ -2,6 +2,145 @@
 //!
 //! Every worker holds the same number of blocks per layer; the coordinator alone decides
 //! which sequence owns which block and sends each sequence's block table with every step.
+//! How many blocks there are is decided once, at bring-up ([`kv_blocks`]).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use tessera_model::{ModelConfig, ShardPlan};
+
+use crate::config::CoordinatorConfig;
+use crate::error::StartError;
+use crate::membership::Registered;
+
+/// How many KV blocks every worker holds, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvSizing {
+    /// Blocks per worker (every worker holds the same number).
+    pub blocks: usize,
+    /// What limited it, for the start-up log.
+    pub why: String,
+}
+
+/// Bytes of one KV block on each worker of the plan: K and V, f32, for each of the shard's
+/// layers and heads.
+fn block_bytes(config: &ModelConfig, plan: &ShardPlan, block_tokens: usize) -> Vec<u64> {
+    plan.shards
+        .iter()
+        .map(|s| {
+            (2 * s.layers.len() * s.heads.len() * config.head_dim() * block_tokens * 4).max(1)
+                as u64
+        })
+        .collect()
+}
+
+/// Blocks that `bytes` of KV cache per worker hold on the worker with the largest blocks.
+pub fn kv_blocks_for_bytes(
+    config: &ModelConfig,
+    plan: &ShardPlan,
+    c: &CoordinatorConfig,
+    bytes: u64,
+) -> Result<usize, StartError> {
+    let largest = block_bytes(config, plan, c.kv_block_tokens)
+        .into_iter()
+        .max()
+        .unwrap_or(1);
+    match (bytes / largest) as usize {
+        0 => Err(StartError::Config(format!(
+            "kv_cache_bytes: {bytes} bytes hold no block of {} tokens ({largest} bytes)",
+            c.kv_block_tokens
+        ))),
+        n => Ok(n),
+    }
+}
+
+/// The KV blocks of every worker: `kv_cache_bytes` of cache each when it is set; otherwise
+/// what `kv_memory_fraction` of each machine's available memory (as its workers reported
+/// at registration; workers at the same address and host name share one machine's) leaves
+/// after their weights, split evenly among them. Never more than a full batch of
+/// full-context sequences can use.
+pub fn kv_blocks(
+    config: &ModelConfig,
+    plan: &ShardPlan,
+    c: &CoordinatorConfig,
+    workers: &[Registered],
+) -> Result<KvSizing, StartError> {
+    let useful = c.max_batch_seqs * config.n_positions.div_ceil(c.kv_block_tokens);
+    let (fit, why) = match c.kv_cache_bytes {
+        Some(bytes) => (
+            kv_blocks_for_bytes(config, plan, c, bytes)?,
+            format!("{bytes} bytes per worker (kv_cache_bytes)"),
+        ),
+        None => by_memory(config, plan, c, workers)?,
+    };
+    if fit > useful {
+        return Ok(KvSizing {
+            blocks: useful,
+            why: format!(
+                "{useful} blocks serve max_batch_seqs sequences of the whole context \
+                 ({why} would allow {fit})"
+            ),
+        });
+    }
+    Ok(KvSizing { blocks: fit, why })
+}
+
+fn by_memory(
+    config: &ModelConfig,
+    plan: &ShardPlan,
+    c: &CoordinatorConfig,
+    workers: &[Registered],
+) -> Result<(usize, String), StartError> {
+    let block = block_bytes(config, plan, c.kv_block_tokens);
+    let weight_bytes = if c.dtype == "bf16" { 2 } else { 4 };
+    // Per machine: (available bytes, weight bytes, block bytes) of its workers.
+    let mut machines: BTreeMap<(IpAddr, &str), (u64, u64, u64)> = BTreeMap::new();
+    for (w, spec) in workers.iter().zip(&plan.shards) {
+        if w.memory_available_bytes == 0 {
+            return Err(StartError::Config(format!(
+                "kv_cache_bytes: worker {} ({}) does not report its memory; set \
+                 kv_cache_bytes (--kv-cache-bytes)",
+                w.worker_id, w.address
+            )));
+        }
+        let m = machines
+            .entry((w.address.ip(), w.hostname.as_str()))
+            .or_insert((u64::MAX, 0, 0));
+        m.0 = m.0.min(w.memory_available_bytes);
+        m.1 += plan.worker_params(config, spec) * weight_bytes;
+        m.2 += block[spec.worker];
+    }
+    let mut fit = usize::MAX;
+    let mut why = String::new();
+    for ((ip, host), (available, weights, per_block)) in machines {
+        let budget = (available as f64 * c.kv_memory_fraction) as u64;
+        let blocks = (budget.saturating_sub(weights) / per_block) as usize;
+        if blocks == 0 {
+            return Err(StartError::Config(format!(
+                "kv_memory_fraction: {:.2} of the {:.2} GiB available on {host} ({ip}) \
+                 leaves no room for a KV block after {:.2} GiB of weights; raise it, or \
+                 set kv_cache_bytes",
+                c.kv_memory_fraction,
+                gib(available),
+                gib(weights)
+            )));
+        }
+        if blocks < fit {
+            fit = blocks;
+            why = format!(
+                "{:.2} of the {:.2} GiB available on {host} ({ip}), less {:.2} GiB of weights",
+                c.kv_memory_fraction,
+                gib(available),
+                gib(weights)
+            );
+        }
+    }
+    Ok((fit, why))
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
 
 /// Free and used KV-cache blocks.
 #[derive(Debug)]
@@ -62,6 +201,71 @@ impl BlockManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ModelSource;
+
+    fn worker(id: usize, ip: &str, memory: u64) -> Registered {
+        Registered {
+            worker_id: id,
+            address: format!("{ip}:7000").parse().unwrap(),
+            backend: "cpu".into(),
+            hostname: format!("host-{ip}"),
+            memory_available_bytes: memory,
+        }
+    }
+
+    #[test]
+    fn kv_cache_is_sized_from_bytes_or_from_each_machines_memory() {
+        let model = ModelConfig::preset("gpt2-tiny").unwrap();
+        let plan = ShardPlan::new(&model, 2, 1).unwrap();
+        let mut c = CoordinatorConfig::new(ModelSource::Synthetic {
+            preset: "gpt2-tiny".into(),
+            seed: 0,
+        });
+        c.max_batch_seqs = 1_000_000;
+        // gpt2-tiny at TP=2: 4 layers × 4 heads × 32 dims × 16 tokens × 2 × 4 bytes.
+        let block = 4 * 4 * 32 * 16 * 2 * 4;
+        c.kv_cache_bytes = Some(10 * block + 5);
+        let s = kv_blocks(&model, &plan, &c, &[]).unwrap();
+        assert_eq!(s.blocks, 10);
+        c.kv_cache_bytes = Some(block - 1);
+        assert!(kv_blocks(&model, &plan, &c, &[]).is_err());
+
+        c.kv_cache_bytes = None;
+        c.kv_memory_fraction = 0.5;
+        let weights = plan.worker_params(&model, &plan.shards[0]) * 4;
+        // Two workers on one machine share its memory; on two machines each has its own.
+        let gib = 1u64 << 30;
+        let shared = [
+            worker(0, "10.0.0.1", 2 * gib),
+            worker(1, "10.0.0.1", 2 * gib),
+        ];
+        let s = kv_blocks(&model, &plan, &c, &shared).unwrap();
+        assert_eq!(s.blocks as u64, (gib - 2 * weights) / (2 * block));
+        let apart = [
+            worker(0, "10.0.0.1", 2 * gib),
+            worker(1, "10.0.0.2", 4 * gib),
+        ];
+        let s = kv_blocks(&model, &plan, &c, &apart).unwrap();
+        assert_eq!(
+            s.blocks as u64,
+            (gib - weights) / block,
+            "the smaller machine limits"
+        );
+        assert!(s.why.contains("10.0.0.1"), "{}", s.why);
+        let unknown = [worker(0, "10.0.0.1", 0), worker(1, "10.0.0.2", gib)];
+        assert!(kv_blocks(&model, &plan, &c, &unknown).is_err());
+        let tiny = [worker(0, "10.0.0.1", 1000), worker(1, "10.0.0.2", gib)];
+        let e = kv_blocks(&model, &plan, &c, &tiny).unwrap_err().to_string();
+        assert!(e.contains("kv_memory_fraction"), "{e}");
+
+        c.max_batch_seqs = 2;
+        let s = kv_blocks(&model, &plan, &c, &apart).unwrap();
+        assert_eq!(
+            s.blocks,
+            2 * 1024 / 16,
+            "capped at a full batch of full contexts"
+        );
+    }
 
     #[test]
     fn allocates_until_empty_and_reuses_released_blocks() {

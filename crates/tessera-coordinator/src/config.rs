@@ -18,8 +18,9 @@ pub mod defaults {
     pub const DTYPE: &str = "f32";
     /// Tokens per KV-cache block.
     pub const KV_BLOCK_TOKENS: usize = 16;
-    /// KV-cache bytes per worker.
-    pub const KV_CACHE_BYTES: u64 = 512 << 20;
+    /// Share of the memory a machine has available when its workers register that its
+    /// workers' weights and KV caches may take together (unless `kv_cache_bytes` is set).
+    pub const KV_MEMORY_FRACTION: f64 = 0.5;
     /// Sequences in one step at most.
     pub const MAX_BATCH_SEQS: usize = 64;
     /// New tokens in one step at most (prefill chunks and decodes together): prompts
@@ -82,6 +83,7 @@ pub struct ClusterSection {
 pub struct SchedulerSection {
     pub kv_block_tokens: Option<usize>,
     pub kv_cache_bytes: Option<u64>,
+    pub kv_memory_fraction: Option<f64>,
     pub max_batch_seqs: Option<usize>,
     pub max_batch_tokens: Option<usize>,
     pub max_queued: Option<usize>,
@@ -132,7 +134,10 @@ pub struct CoordinatorConfig {
     /// Address of the OpenAI-compatible HTTP API; none when absent.
     pub http_listen: Option<String>,
     pub kv_block_tokens: usize,
-    pub kv_cache_bytes: u64,
+    /// KV-cache bytes on each worker; `None`: from `kv_memory_fraction`.
+    pub kv_cache_bytes: Option<u64>,
+    /// Share of each machine's available memory for its workers' weights and KV caches.
+    pub kv_memory_fraction: f64,
     pub max_batch_seqs: usize,
     pub max_batch_tokens: usize,
     pub max_queued: usize,
@@ -153,7 +158,8 @@ impl CoordinatorConfig {
             listen: defaults::LISTEN.into(),
             http_listen: None,
             kv_block_tokens: defaults::KV_BLOCK_TOKENS,
-            kv_cache_bytes: defaults::KV_CACHE_BYTES,
+            kv_cache_bytes: None,
+            kv_memory_fraction: defaults::KV_MEMORY_FRACTION,
             max_batch_seqs: defaults::MAX_BATCH_SEQS,
             max_batch_tokens: defaults::MAX_BATCH_TOKENS,
             max_queued: defaults::MAX_QUEUED,
@@ -203,7 +209,8 @@ impl CoordinatorConfig {
             c.register_timeout = Duration::from_millis(ms);
         }
         c.kv_block_tokens = s.kv_block_tokens.unwrap_or(c.kv_block_tokens);
-        c.kv_cache_bytes = s.kv_cache_bytes.unwrap_or(c.kv_cache_bytes);
+        c.kv_cache_bytes = s.kv_cache_bytes.or(c.kv_cache_bytes);
+        c.kv_memory_fraction = s.kv_memory_fraction.unwrap_or(c.kv_memory_fraction);
         c.max_batch_seqs = s.max_batch_seqs.unwrap_or(c.max_batch_seqs);
         c.max_batch_tokens = s.max_batch_tokens.unwrap_or(c.max_batch_tokens);
         c.max_queued = s.max_queued.unwrap_or(c.max_queued);
@@ -222,6 +229,12 @@ impl CoordinatorConfig {
         }
         if self.kv_block_tokens == 0 {
             return bad("kv_block_tokens", "must be at least 1");
+        }
+        if !(self.kv_memory_fraction > 0.0 && self.kv_memory_fraction <= 1.0) {
+            return bad("kv_memory_fraction", "must be in (0, 1]");
+        }
+        if self.kv_cache_bytes == Some(0) {
+            return bad("kv_cache_bytes", "must be above 0");
         }
         if self.max_batch_seqs == 0 {
             return bad("max_batch_seqs", "must be at least 1");

@@ -24,6 +24,8 @@ pub struct Registered {
     pub backend: String,
     /// Its host name, for logs.
     pub hostname: String,
+    /// Memory it could use for its shard when it registered (0: unknown).
+    pub memory_available_bytes: u64,
 }
 
 /// The registry behind the `Cluster` service.
@@ -127,6 +129,7 @@ impl Membership {
                 req.backend.clone()
             },
             hostname: req.hostname.clone(),
+            memory_available_bytes: req.memory_available_bytes,
         };
         workers.push(w.clone());
         self.inner.count.send_replace(workers.len());
@@ -168,6 +171,7 @@ mod tests {
             backend: "cpu".into(),
             threads: 1,
             hostname: "h".into(),
+            memory_available_bytes: 1 << 30,
         }
     }
 

@@ -56,35 +56,6 @@ fn open_model(source: &ModelSource) -> Result<Model, StartError> {
     })
 }
 
-/// KV-cache blocks every worker holds: as many as `kv_cache_bytes` allows on the worker
-/// with the most layers and heads, and no more than a full batch of full-context
-/// sequences could use.
-pub fn kv_blocks(
-    config: &ModelConfig,
-    plan: &ShardPlan,
-    c: &CoordinatorConfig,
-) -> Result<usize, StartError> {
-    let block_bytes = plan
-        .shards
-        .iter()
-        .map(|s| {
-            // K and V, f32, for each of the shard's layers and heads.
-            2 * s.layers.len() * s.heads.len() * config.head_dim() * c.kv_block_tokens * 4
-        })
-        .max()
-        .unwrap_or(1)
-        .max(1) as u64;
-    let fit = (c.kv_cache_bytes / block_bytes) as usize;
-    let useful = c.max_batch_seqs * config.n_positions.div_ceil(c.kv_block_tokens);
-    if fit == 0 {
-        return Err(StartError::Config(format!(
-            "kv_cache_bytes: {} bytes hold no block of {} tokens ({block_bytes} bytes)",
-            c.kv_cache_bytes, c.kv_block_tokens
-        )));
-    }
-    Ok(fit.min(useful))
-}
-
 impl Coordinator {
     /// Opens the listener and starts bring-up in the background. Returns once the
     /// listener is bound; [`Coordinator::state`] tells when the cluster serves.
@@ -93,7 +64,10 @@ impl Coordinator {
         crate::metrics::recorder();
         let model = open_model(&config.model)?;
         let plan = ShardPlan::new(&model.config, config.tp, config.pp)?;
-        let kv_blocks = kv_blocks(&model.config, &plan, &config)?;
+        if let Some(bytes) = config.kv_cache_bytes {
+            // An explicit size that cannot hold a block is an error before any worker comes.
+            crate::blocks::kv_blocks_for_bytes(&model.config, &plan, &config, bytes)?;
+        }
         let world = plan.world_size();
         let generation = rand::random::<u64>() | 1;
 
@@ -216,7 +190,7 @@ impl Coordinator {
             model_config: model.config,
             weights: model.weights,
             plan,
-            kv_blocks,
+            kv_blocks: 0,
             generation,
             membership,
             tokenizer,
@@ -378,6 +352,16 @@ impl BringUp {
             }
         }
         let registered = self.membership.workers();
+        let sizing =
+            crate::blocks::kv_blocks(&self.model_config, &self.plan, &self.config, &registered)?;
+        self.kv_blocks = sizing.blocks;
+        info!(
+            kv_blocks = sizing.blocks,
+            kv_block_tokens = self.config.kv_block_tokens,
+            kv_tokens = sizing.blocks * self.config.kv_block_tokens,
+            "KV cache: {}",
+            sizing.why
+        );
         let clients = registered
             .iter()
             .zip(&self.plan.shards)

@@ -229,6 +229,7 @@ async fn register(
         backend: opts.backend.clone(),
         threads: opts.threads.min(u32::MAX as usize) as u32,
         hostname: hostname(),
+        memory_available_bytes: memory::available_memory_bytes().unwrap_or(0),
     };
     let started = Instant::now();
     let deadline = started + opts.coordinator_timeout;

@@ -105,7 +105,12 @@ pub fn bench_throughput(args: ThroughputArgs) -> Result<()> {
         if !args.json {
             println!(
                 "{} (tp={} pp={}): {} prompt tokens, {} new tokens, {} requests per client",
-                info.name, info.tp, info.pp, args.prompt_tokens, args.tokens, args.requests_per_client
+                info.name,
+                info.tp,
+                info.pp,
+                args.prompt_tokens,
+                args.tokens,
+                args.requests_per_client
             );
             println!(
                 "{:>11} {:>9} {:>14} {:>10} {:>10} {:>10}",
@@ -117,8 +122,9 @@ pub fn bench_throughput(args: ThroughputArgs) -> Result<()> {
             let tasks: Vec<_> = (0..c)
                 .map(|i| {
                     let mut client = client.clone();
-                    let reqs: Vec<GenerateRequest> =
-                        (0..args.requests_per_client).map(|k| request(i, k)).collect();
+                    let reqs: Vec<GenerateRequest> = (0..args.requests_per_client)
+                        .map(|k| request(i, k))
+                        .collect();
                     let tokens = args.tokens;
                     tokio::spawn(async move {
                         let mut seen = Vec::new();

@@ -32,9 +32,14 @@ pub struct ClusterArgs {
     /// Tokens per KV-cache block.
     #[arg(long, value_name = "N")]
     pub kv_block_tokens: Option<usize>,
-    /// KV-cache bytes on each worker (default 512 MiB); the block count follows from it.
+    /// KV-cache bytes on each worker; the block count follows from it. Default: sized from
+    /// --kv-memory-fraction of the memory the workers report.
     #[arg(long, value_name = "BYTES")]
     pub kv_cache_bytes: Option<u64>,
+    /// Share of each machine's available memory (as its workers report it when they
+    /// register) that its workers' weights and KV caches may take together (default 0.5).
+    #[arg(long, value_name = "F")]
+    pub kv_memory_fraction: Option<f64>,
     /// Sequences in one step at most.
     #[arg(long, value_name = "N")]
     pub max_batch_seqs: Option<usize>,
@@ -92,7 +97,10 @@ impl ClusterArgs {
             c.kv_block_tokens = v;
         }
         if let Some(v) = self.kv_cache_bytes {
-            c.kv_cache_bytes = v;
+            c.kv_cache_bytes = Some(v);
+        }
+        if let Some(v) = self.kv_memory_fraction {
+            c.kv_memory_fraction = v;
         }
         if let Some(v) = self.max_batch_seqs {
             c.max_batch_seqs = v;
