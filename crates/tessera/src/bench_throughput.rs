@@ -84,7 +84,7 @@ pub fn bench_throughput(args: ThroughputArgs) -> Result<()> {
     if args.tokens < 2 || args.prompt_tokens == 0 || args.requests_per_client == 0 {
         bail!("--tokens must be at least 2, --prompt-tokens and --requests-per-client at least 1");
     }
-    if args.concurrency.iter().any(|&c| c == 0) {
+    if args.concurrency.contains(&0) {
         bail!("--concurrency values must be at least 1");
     }
     let runtime = tokio::runtime::Runtime::new()?;
