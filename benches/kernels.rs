@@ -6,7 +6,8 @@
 //! in), `linear_decode` cycles through enough copies of each matrix to fill
 //! `WORKING_SET_BYTES`, and `linear_decode_model` runs the 49 linears of a whole GPT-2 124M
 //! decode step; `read_bandwidth` sums buffers of the matching sizes on the same rayon pool.
-//! Throughput is in decimal GB/s (weight bytes per second).
+//! Throughput is in decimal GB/s (weight bytes per second). `linear_batch` runs every shape
+//! at batch sizes from 1 to 256 with the weights reused, in flops per second.
 //!
 //! Run with `cargo bench -p tessera-runtime --bench kernels`.
 
@@ -130,23 +131,43 @@ fn linear_decode_model(c: &mut Criterion) {
     group.finish();
 }
 
-/// m = 128 (a prompt), 768→3072. Throughput in multiply-adds ×2 (flops) per second.
-fn linear_prefill(c: &mut Criterion) {
-    let mut group = c.benchmark_group("linear_prefill");
-    configure(&mut group);
-    let (m, cols, rows) = (128, D_MODEL, 4 * D_MODEL);
-    let x = values(m * cols, 5);
-    let bias = values(rows, 6);
-    let mut out = vec![0.0; m * rows];
-    for dtype in DTYPES {
-        let w = matrix(cols, rows, dtype, 7);
-        group.throughput(Throughput::Elements((2 * m * rows * cols) as u64));
-        group.bench_function(format!("m128_768x3072/{dtype}"), |b| {
-            b.iter(|| {
-                linear(black_box(&x), m, &w, Some(&bias), &mut out);
-                black_box(&out);
-            })
-        });
+/// Activation rows per `linear` call in `linear_batch`: batch-1 decode, a decode batch, and
+/// prefill chunks of growing size (continuous batching mixes all of them in one step).
+const BATCH_ROWS: [usize; 6] = [1, 8, 16, 32, 64, 256];
+
+/// Activation rows for the LM head slice in `linear_batch` (its weights are 154 MB at f32, so
+/// larger batches only take longer without telling more).
+const LM_HEAD_BATCH_ROWS: [usize; 3] = [1, 16, 64];
+
+/// `linear` at every batch size for each GPT-2 shape, weights reused call after call (as
+/// prefill reuses them for every row tile). Throughput in flops (2 per multiply-add) per
+/// second.
+fn linear_batch(c: &mut Criterion) {
+    let mut group = c.benchmark_group("linear_batch");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_millis(1500));
+    let shapes = BLOCK_SHAPES
+        .iter()
+        .map(|&shape| (shape, &BATCH_ROWS[..]))
+        .chain([(LM_HEAD, &LM_HEAD_BATCH_ROWS[..])]);
+    for ((name, cols, rows), batches) in shapes {
+        for dtype in DTYPES {
+            let w = matrix(cols, rows, dtype, 7);
+            let bias = values(rows, 6);
+            for &m in batches {
+                let x = values(m * cols, 5);
+                let mut out = vec![0.0; m * rows];
+                group.throughput(Throughput::Elements((2 * m * rows * cols) as u64));
+                group.bench_function(format!("{name}/{dtype}/m{m}"), |b| {
+                    b.iter(|| {
+                        linear(black_box(&x), m, &w, Some(&bias), &mut out);
+                        black_box(&out);
+                    })
+                });
+            }
+        }
     }
     group.finish();
 }
@@ -199,6 +220,6 @@ criterion_group!(
     read_bandwidth,
     linear_decode,
     linear_decode_model,
-    linear_prefill
+    linear_batch
 );
 criterion_main!(benches);

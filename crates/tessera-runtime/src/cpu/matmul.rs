@@ -1,14 +1,39 @@
-//! Weight matrices and the linear layer `out = x·Wᵀ + b`.
+//! Weight matrices and the linear layer `out = x·Wᵀ + b`, batch-invariant.
+//!
+//! # The guarantee
+//!
+//! Row i of `out` depends only on row i of `x`, the weights and the bias: it is bit-identical
+//! whatever the batch size `m`, wherever the row sits in the batch, however many rayon threads
+//! run the call and whichever SIMD level (AVX-512, AVX2+FMA, portable scalar) the CPU has.
+//! Continuous batching puts a sequence's rows in one step with other sequences' decode rows
+//! and prefill chunks, so the same row is computed at many batch sizes and positions; this is
+//! what lets a request produce the same tokens whatever else is in the batch.
+//!
+//! Every output element is therefore one fused multiply-add chain over k in order, from 0.0:
+//! `acc = fma(x[k], w[k], acc)` for k = 0..cols, then `out = acc + bias` (one rounding).
+//! FMA is correctly rounded, so a hardware FMA lane and `f32::mul_add` give the same bits;
+//! bf16 weights widen exactly to f32 (a bf16 is the top half of an f32) before the FMA.
+//! Nothing ever splits the k loop across lanes, tiles or threads.
+//!
+//! # The design
+//!
+//! `Matrix::new` packs W into panels of `PANEL_WIDTH` (64) output features, stored k-major
+//! inside the panel (`panel[k][0..64]`, zero-padded past `rows`), so that one panel is a single
+//! sequential stream and the kernels vectorise across output features: broadcast `x[i][k]`,
+//! load the panel's row k, FMA into one accumulator per (row, feature). That is the standard
+//! outer-product microkernel, and its per-element order is exactly the canonical chain. A tile
+//! is up to `TILE_ROWS` (6) activation rows × one panel: 24 zmm accumulators on AVX-512, and on
+//! AVX2 four passes of 6 × 16. Any m is covered by full tiles and one smaller tile.
 //!
 //! Batch-1 decode streams every weight once per token and does one multiply-add per weight,
-//! so it is bound by memory bandwidth, not arithmetic. For small batches `linear` therefore
-//! runs a GEMV kernel that reads each weight row exactly once and dots it with every
-//! activation row while it is in registers; bf16 weights halve the bytes streamed and are
-//! widened to f32 in-register (a bf16 is the top half of an f32). Prefill (large batches) is
-//! compute bound and goes to the `gemm` crate.
+//! so it is bound by memory bandwidth: a tile of one row reads its panel sequentially with a
+//! software prefetch a few KiB ahead, and its four independent FMA chains per k step are far
+//! faster than memory. Prefill is compute bound: a panel (≤ 0.8 MB for GPT-2 shapes) stays in
+//! L2 while every row tile of the batch runs over it.
 //!
-//! The SIMD level (AVX-512, AVX2+FMA or portable scalar) is detected once at run time; the
-//! build never assumes `target-cpu=native`.
+//! Parallelism uses the current rayon pool (callers `pool.install(..)`): tasks own groups of
+//! panels and, for large batches, blocks of rows; a task computes whole output elements, so
+//! the split never changes a result.
 
 use std::sync::OnceLock;
 
@@ -17,55 +42,51 @@ use rayon::prelude::*;
 
 use crate::dtype::WeightDtype;
 
-/// Batches of up to this many rows use the streaming GEMV kernel, larger ones `gemm`.
-/// Measured on a 2-core Sapphire Rapids with weights streamed from memory (768→3072 and
-/// 3072→768, f32 and bf16): GEMV is faster through m = 12 (1.3–3× at m = 8), `gemm` from
-/// about m = 16–24.
-const GEMV_MAX_M: usize = 12;
+/// Output features per packed panel. 64 f32 are four zmm vectors (one AVX-512 tile row);
+/// the numerics do not depend on it.
+const PANEL_WIDTH: usize = 64;
 
-/// Fewest weight bytes one GEMV task streams, so that rayon's per-task cost (a few µs)
-/// stays a few percent of the task.
-const GEMV_MIN_TASK_BYTES: usize = 128 * 1024;
+/// Activation rows per register tile: 6 rows × 4 zmm = 24 accumulators of AVX-512's 32
+/// registers (and 6 × 2 of AVX2's 16 per pass), leaving room for the weights and the
+/// broadcast.
+const TILE_ROWS: usize = 6;
 
-/// GEMV tasks per rayon thread: several, so that work stealing evens out the end of a call
-/// (and a thread the OS or a noisy neighbour slows down). A thread runs neighbouring tasks
-/// in order, so its weights still stream sequentially. Measured: 8 per thread is 5–10%
-/// faster than 1–2 on a whole GPT-2 decode step.
-const GEMV_TASKS_PER_THREAD: usize = 8;
+/// Fewest weight bytes one task streams, so that rayon's per-task cost (a few µs) stays a few
+/// percent of the task; matrices smaller than two of these run on the calling thread.
+const MIN_TASK_BYTES: usize = 128 * 1024;
 
-/// Activation rows dotted against a weight row per pass (4 × 4 accumulator registers).
-const GEMV_X_GROUP: usize = 4;
+/// Tasks per rayon thread: several, so that work stealing evens out the end of a call (and a
+/// thread the OS or a noisy neighbour slows down). A thread runs neighbouring tasks in order,
+/// so its weights still stream sequentially. Measured for the GEMV this kernel replaced: 8
+/// per thread is 5–10% faster than 1–2 on a whole GPT-2 decode step.
+const TASKS_PER_THREAD: usize = 8;
 
-/// How far ahead of the GEMV kernels' reads weights are prefetched (into L2). The hardware
-/// prefetcher alone keeps too few lines in flight on one core: measured on a whole GPT-2
-/// decode step, 4–16 KiB ahead is 25–50% faster than none (bf16 gains the most, having
-/// more instructions per byte, so the out-of-order window reaches less far ahead).
+/// Fewest activation rows in a task's block when a large batch is also split over rows
+/// (each row block reads the task's panels again, from cache).
+const MIN_TASK_ROWS: usize = 4 * TILE_ROWS;
+
+/// How far ahead of the kernels' reads a streaming tile prefetches weights (into L2). The
+/// hardware prefetcher alone keeps too few lines in flight on one core: measured on a whole
+/// GPT-2 decode step, 4–16 KiB ahead is 25–50% faster than none.
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_AHEAD_BYTES: usize = 8 * 1024;
 
-/// Most bf16 weight rows widened to an f32 scratch for one `gemm` call in prefill.
-const PREFILL_BF16_BLOCK_ROWS: usize = 256;
+/// One 64-byte cache line of packed weights; the packed storage is a vector of these so that
+/// every panel row starts on a cache line (a vector load never splits two lines).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct CacheLine([u8; 64]);
 
-/// bf16 prefill blocks per rayon thread (when the matrix has fewer rows than
-/// `PREFILL_BF16_BLOCK_ROWS` × this × threads), for balance.
-const PREFILL_BF16_BLOCKS_PER_THREAD: usize = 4;
-
-/// Below this many multiply-adds `gemm` runs on the calling thread: fanning out costs more
-/// than it saves.
-const GEMM_PARALLEL_MIN_MACS: usize = 1 << 21;
-
-#[derive(Clone)]
-enum Storage {
-    F32(Vec<f32>),
-    Bf16(Vec<bf16>),
-}
-
-/// A weight matrix `[rows = out_features, cols = in_features]`, row-major (nn.Linear layout).
+/// A weight matrix `[rows = out_features, cols = in_features]` (nn.Linear layout), packed into
+/// panels for `linear` (see the module documentation).
 #[derive(Clone)]
 pub struct Matrix {
     rows: usize,
     cols: usize,
-    data: Storage,
+    dtype: WeightDtype,
+    /// `rows.div_ceil(PANEL_WIDTH)` panels of `cols × PANEL_WIDTH` weights each, k-major. A
+    /// bf16 panel row pairs features within each group of 32 (see `bf16_slot`).
+    panels: Vec<CacheLine>,
 }
 
 impl std::fmt::Debug for Matrix {
@@ -73,41 +94,73 @@ impl std::fmt::Debug for Matrix {
         f.debug_struct("Matrix")
             .field("rows", &self.rows)
             .field("cols", &self.cols)
-            .field("dtype", &self.dtype())
+            .field("dtype", &self.dtype)
             .finish_non_exhaustive()
     }
 }
 
+/// Where feature `j` (0..64) of a panel row sits among its 64 bf16 values. Within each group
+/// of 32 features, 32-bit lane l holds feature l in its low half and feature l + 16 in its
+/// high half: shifting a lane left by 16 then gives feature l as an f32 and masking off the
+/// low half gives feature l + 16, two instructions to widen 32 features.
+fn bf16_slot(j: usize) -> usize {
+    let (group, f) = (j / 32, j % 32);
+    32 * group + 2 * (f % 16) + f / 16
+}
+
 impl Matrix {
-    /// Wraps f32 weights without copying.
+    /// Packs f32 weights (row-major `rows × cols`) as f32.
     ///
     /// # Panics
     /// If `data.len() != rows * cols`.
     pub fn from_f32(rows: usize, cols: usize, data: Vec<f32>) -> Self {
-        check_len("Matrix::from_f32", rows, cols, data.len());
-        Matrix {
-            rows,
-            cols,
-            data: Storage::F32(data),
-        }
+        Self::new(rows, cols, data, WeightDtype::F32)
     }
 
-    /// Stores `data` as `dtype`; bf16 rounds each weight to nearest, ties to even.
+    /// Packs row-major `rows × cols` weights as `dtype`; bf16 rounds each weight to nearest,
+    /// ties to even.
     ///
     /// # Panics
     /// If `data.len() != rows * cols`.
     pub fn new(rows: usize, cols: usize, data: Vec<f32>, dtype: WeightDtype) -> Self {
-        match dtype {
-            WeightDtype::F32 => Self::from_f32(rows, cols, data),
-            WeightDtype::Bf16 => {
-                check_len("Matrix::new", rows, cols, data.len());
-                let data = data.par_iter().map(|&v| bf16::from_f32(v)).collect();
-                Matrix {
-                    rows,
-                    cols,
-                    data: Storage::Bf16(data),
-                }
-            }
+        check_len("Matrix::new", rows, cols, data.len());
+        let panel_lines = cols * PANEL_WIDTH * dtype.size_bytes() / 64;
+        let n_panels = rows.div_ceil(PANEL_WIDTH);
+        let mut panels = vec![CacheLine([0; 64]); n_panels * panel_lines];
+        if panel_lines > 0 {
+            panels
+                .par_chunks_mut(panel_lines)
+                .enumerate()
+                .for_each(|(p, panel)| {
+                    let r0 = p * PANEL_WIDTH;
+                    let width = (rows - r0).min(PANEL_WIDTH);
+                    let src = &data[r0 * cols..(r0 + width) * cols];
+                    match dtype {
+                        WeightDtype::F32 => {
+                            let panel = lines_as_mut::<f32>(panel);
+                            for (j, row) in src.chunks_exact(cols).enumerate() {
+                                for (k, &v) in row.iter().enumerate() {
+                                    panel[k * PANEL_WIDTH + j] = v;
+                                }
+                            }
+                        }
+                        WeightDtype::Bf16 => {
+                            let panel = lines_as_mut::<u16>(panel);
+                            for (j, row) in src.chunks_exact(cols).enumerate() {
+                                let slot = bf16_slot(j);
+                                for (k, &v) in row.iter().enumerate() {
+                                    panel[k * PANEL_WIDTH + slot] = bf16::from_f32(v).to_bits();
+                                }
+                            }
+                        }
+                    }
+                });
+        }
+        Matrix {
+            rows,
+            cols,
+            dtype,
+            panels,
         }
     }
 
@@ -123,18 +176,16 @@ impl Matrix {
 
     /// How the weights are stored.
     pub fn dtype(&self) -> WeightDtype {
-        match self.data {
-            Storage::F32(_) => WeightDtype::F32,
-            Storage::Bf16(_) => WeightDtype::Bf16,
-        }
+        self.dtype
     }
 
-    /// Bytes of weight storage: what one decode step streams through `linear`.
+    /// Bytes of weights one decode step streams through `linear`: `rows × cols × dtype size`.
+    /// The packed storage pads the last panel to 64 features, so it holds up to 63 rows more.
     pub fn size_bytes(&self) -> usize {
-        self.rows * self.cols * self.dtype().size_bytes()
+        self.rows * self.cols * self.dtype.size_bytes()
     }
 
-    /// Writes row `r` widened to f32 into `out` (embedding lookup).
+    /// Writes row `r` widened to f32 into `out` (embedding lookup of a tied embedding).
     ///
     /// # Panics
     /// If `r >= rows` or `out.len() != cols`.
@@ -151,16 +202,56 @@ impl Matrix {
             out.len(),
             self.cols
         );
-        let range = r * self.cols..(r + 1) * self.cols;
-        match &self.data {
-            Storage::F32(d) => out.copy_from_slice(&d[range]),
-            Storage::Bf16(d) => {
-                for (o, v) in out.iter_mut().zip(&d[range]) {
-                    *o = v.to_f32();
+        let (p, j) = (r / PANEL_WIDTH, r % PANEL_WIDTH);
+        let panel = self.panel_lines(p);
+        match self.dtype {
+            WeightDtype::F32 => {
+                let panel = lines_as::<f32>(panel);
+                for (o, row) in out.iter_mut().zip(panel.chunks_exact(PANEL_WIDTH)) {
+                    *o = row[j];
+                }
+            }
+            WeightDtype::Bf16 => {
+                let panel = lines_as::<u16>(panel);
+                let slot = bf16_slot(j);
+                for (o, row) in out.iter_mut().zip(panel.chunks_exact(PANEL_WIDTH)) {
+                    *o = bf16_to_f32(row[slot]);
                 }
             }
         }
     }
+
+    /// The cache lines of panel `p`.
+    fn panel_lines(&self, p: usize) -> &[CacheLine] {
+        let lines = self.cols * PANEL_WIDTH * self.dtype.size_bytes() / 64;
+        &self.panels[p * lines..(p + 1) * lines]
+    }
+}
+
+/// A plain-old-data element of packed weights (f32 or bf16 bits).
+trait Pod: Copy {}
+impl Pod for f32 {}
+impl Pod for u16 {}
+
+/// The packed weights as their element type.
+fn lines_as<T: Pod>(lines: &[CacheLine]) -> &[T] {
+    let len = std::mem::size_of_val(lines) / std::mem::size_of::<T>();
+    // SAFETY: `CacheLine` is 64 plain bytes aligned to 64, so the bytes of `lines` are valid
+    // and aligned as `len` values of `T` (f32 or u16, for which every bit pattern is valid);
+    // the view borrows `lines` for its whole life.
+    unsafe { std::slice::from_raw_parts(lines.as_ptr().cast(), len) }
+}
+
+/// As `lines_as`, mutably.
+fn lines_as_mut<T: Pod>(lines: &mut [CacheLine]) -> &mut [T] {
+    let len = std::mem::size_of_val(lines) / std::mem::size_of::<T>();
+    // SAFETY: as in `lines_as`; the view borrows `lines` mutably, so it is the only access.
+    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast(), len) }
+}
+
+/// Widens bf16 bits to the f32 they denote (exact).
+fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
 }
 
 fn check_len(what: &str, rows: usize, cols: usize, len: usize) {
@@ -174,32 +265,17 @@ fn check_len(what: &str, rows: usize, cols: usize, len: usize) {
 
 /// out[m × rows] = x[m × cols] · Wᵀ (+ bias[rows] broadcast over the m rows).
 ///
-/// Uses the *current* rayon thread pool (callers `pool.install(..)`) for parallelism. For
-/// m ≤ 12 (decode) each output is computed wholly by one task in a fixed order, so results
-/// do not depend on the number of threads, and row i of a batch equals the same row run
-/// alone.
+/// Row i of `out` is bit-identical for every `m`, every position of the row in the batch,
+/// every thread count and every SIMD level (see the module documentation). Uses the *current*
+/// rayon thread pool (callers `pool.install(..)`) for parallelism.
 ///
 /// # Panics
 /// If `x.len() != m * w.cols()`, `out.len() != m * w.rows()` or `bias.len() != w.rows()`.
 pub fn linear(x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>, out: &mut [f32]) {
-    let kernel = if m <= GEMV_MAX_M {
-        Kernel::Gemv
-    } else {
-        Kernel::Gemm
-    };
-    linear_with(SimdLevel::detected(), kernel, x, m, w, bias, out);
+    linear_with(SimdLevel::detected(), x, m, w, bias, out);
 }
 
-/// Which algorithm computes a `linear`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kernel {
-    /// Streams each weight row once; for decode-sized batches.
-    Gemv,
-    /// Blocked matrix multiply from the `gemm` crate; for prefill.
-    Gemm,
-}
-
-/// Instruction set the GEMV kernel runs with, ordered from least to most capable.
+/// Instruction set the kernels run with, ordered from least to most capable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only x86-64 has SIMD kernels
 enum SimdLevel {
@@ -229,10 +305,9 @@ impl SimdLevel {
     }
 }
 
-/// `linear` with the kernel and SIMD level chosen by the caller (tests force each one).
+/// `linear` at the SIMD level chosen by the caller (tests force each one).
 fn linear_with(
     level: SimdLevel,
-    kernel: Kernel,
     x: &[f32],
     m: usize,
     w: &Matrix,
@@ -277,632 +352,432 @@ fn linear_with(
         }
         return;
     }
-    match kernel {
-        Kernel::Gemv => gemv(level, x, m, w, bias, out),
-        Kernel::Gemm => gemm_linear(x, m, w, bias, out),
-    }
-}
 
-// ---------------------------------------------------------------------------------------
-// GEMV (decode)
-// ---------------------------------------------------------------------------------------
-
-/// Splits the weight rows into tasks on the current rayon pool; each task owns the matching
-/// columns of every output row and writes them with the bias added.
-fn gemv(level: SimdLevel, x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>, out: &mut [f32]) {
-    let (rows, cols) = (w.rows, w.cols);
-    let row_bytes = cols * w.dtype().size_bytes();
-    let threads = rayon::current_num_threads();
-    let min_rows = GEMV_MIN_TASK_BYTES.div_ceil(row_bytes);
-    let balanced_rows = rows.div_ceil(threads * GEMV_TASKS_PER_THREAD);
-    let chunk_rows = balanced_rows.max(min_rows);
-    let n_tasks = rows.div_ceil(chunk_rows);
-
-    // The SIMD bf16 kernels split each block of packed weights into even and odd elements;
-    // reorder x once to match.
-    let x_split;
-    let x = match (&w.data, bf16_block(level)) {
-        (Storage::Bf16(_), Some(block)) => {
-            x_split = split_even_odd(x, cols, block);
-            &x_split[..]
-        }
-        _ => x,
+    let plan = Plan::new(m, w, rayon::current_num_threads());
+    let call = Call {
+        level,
+        x,
+        m,
+        w,
+        bias,
+        out: SendPtr(out.as_mut_ptr()),
     };
-
-    let mut tasks: Vec<Vec<&mut [f32]>> = (0..n_tasks).map(|_| Vec::with_capacity(m)).collect();
-    for out_row in out.chunks_mut(rows) {
-        for (task, piece) in tasks.iter_mut().zip(out_row.chunks_mut(chunk_rows)) {
-            task.push(piece);
-        }
-    }
-    let run = |(t, mut outs): (usize, Vec<&mut [f32]>)| {
-        let r0 = t * chunk_rows;
-        let r1 = r0 + outs[0].len();
-        let bias = bias.map(|b| &b[r0..r1]);
-        match &w.data {
-            Storage::F32(d) => {
-                gemv_rows(level, x, m, cols, &d[r0 * cols..r1 * cols], bias, &mut outs)
-            }
-            Storage::Bf16(d) => {
-                gemv_rows(level, x, m, cols, &d[r0 * cols..r1 * cols], bias, &mut outs)
-            }
-        }
+    let run = |t: usize| {
+        let (group, block) = (t / plan.row_blocks, t % plan.row_blocks);
+        let p0 = group * plan.panels_per_task;
+        let p1 = (p0 + plan.panels_per_task).min(plan.n_panels);
+        let r0 = block * plan.rows_per_block;
+        let r1 = (r0 + plan.rows_per_block).min(m);
+        // SAFETY: task t computes the output elements of rows r0..r1 in the columns of panels
+        // p0..p1, a set no other task of this call touches; `out` (m×rows, checked above) is
+        // borrowed mutably for the whole call and not otherwise used meanwhile.
+        unsafe { call.run_task(p0..p1, r0..r1) };
     };
-    if n_tasks == 1 {
-        tasks.into_iter().enumerate().for_each(run);
+    let tasks = plan.groups() * plan.row_blocks;
+    if tasks == 1 {
+        run(0);
     } else {
-        tasks.into_par_iter().enumerate().for_each(run);
+        (0..tasks).into_par_iter().for_each(run);
     }
 }
 
-/// Elements per even/odd block of the bf16 kernel at `level` (one vector of packed bf16),
-/// `None` where x keeps its order.
-fn bf16_block(level: SimdLevel) -> Option<usize> {
-    match level {
-        SimdLevel::Scalar => None,
-        SimdLevel::Avx2 => Some(16),
-        SimdLevel::Avx512 => Some(32),
-    }
+/// How a call splits into tasks: groups of `panels_per_task` panels × blocks of
+/// `rows_per_block` activation rows. Task t is group `t / row_blocks`, block
+/// `t % row_blocks`, so a thread's contiguous run of tasks streams neighbouring panels.
+struct Plan {
+    n_panels: usize,
+    panels_per_task: usize,
+    rows_per_block: usize,
+    row_blocks: usize,
 }
 
-/// Copies the `cols`-long rows of `x`, reordering each whole block of `block` values to its
-/// even-indexed values followed by its odd-indexed ones; a trailing partial block keeps its
-/// order.
-fn split_even_odd(x: &[f32], cols: usize, block: usize) -> Vec<f32> {
-    let mut split = Vec::with_capacity(x.len());
-    for row in x.chunks_exact(cols) {
-        let blocks = row.chunks_exact(block);
-        let tail = blocks.remainder();
-        for b in blocks {
-            split.extend(b.iter().step_by(2));
-            split.extend(b.iter().skip(1).step_by(2));
+impl Plan {
+    fn new(m: usize, w: &Matrix, threads: usize) -> Plan {
+        let n_panels = w.rows.div_ceil(PANEL_WIDTH);
+        if threads <= 1 {
+            return Plan {
+                n_panels,
+                panels_per_task: n_panels,
+                rows_per_block: m,
+                row_blocks: 1,
+            };
         }
-        split.extend_from_slice(tail);
+        let target = threads * TASKS_PER_THREAD;
+        let panel_bytes = w.cols * PANEL_WIDTH * w.dtype.size_bytes();
+        let panels_per_task = n_panels
+            .div_ceil(target)
+            .max(MIN_TASK_BYTES.div_ceil(panel_bytes))
+            .min(n_panels);
+        let groups = n_panels.div_ceil(panels_per_task);
+        let wanted_blocks = target.div_ceil(groups).min(m / MIN_TASK_ROWS).max(1);
+        let rows_per_block = m.div_ceil(wanted_blocks).next_multiple_of(TILE_ROWS);
+        Plan {
+            n_panels,
+            panels_per_task,
+            rows_per_block,
+            row_blocks: m.div_ceil(rows_per_block),
+        }
     }
-    split
+
+    fn groups(&self) -> usize {
+        self.n_panels.div_ceil(self.panels_per_task)
+    }
 }
 
-/// Dots the weight rows `w` (`outs[i].len()` rows of `cols`) with every row of `x`, one
-/// weight row at a time so the task reads its weights as a single sequential stream (the
-/// hardware prefetcher follows one stream per 4 KiB page; several interleaved short rows
-/// defeat it).
-fn gemv_rows<T: Weight>(
+/// The arguments of one `linear` call, shared by its tasks.
+struct Call<'a> {
     level: SimdLevel,
-    x: &[f32],
+    x: &'a [f32],
     m: usize,
-    cols: usize,
-    w: &[T],
-    bias: Option<&[f32]>,
-    outs: &mut [&mut [f32]],
-) {
-    for (r, w_row) in w.chunks_exact(cols).enumerate() {
-        let b = bias.map_or(0.0, |b| b[r]);
-        let mut i = 0;
-        while i < m {
-            let xs = (m - i).min(GEMV_X_GROUP);
-            let x = &x[i * cols..(i + xs) * cols];
-            let outs = &mut outs[i..i + xs];
-            match xs {
-                1 => store(dot_row::<T, 1>(level, w_row, x), r, b, outs),
-                2 => store(dot_row::<T, 2>(level, w_row, x), r, b, outs),
-                3 => store(dot_row::<T, 3>(level, w_row, x), r, b, outs),
-                _ => store(dot_row::<T, 4>(level, w_row, x), r, b, outs),
+    w: &'a Matrix,
+    bias: Option<&'a [f32]>,
+    out: SendPtr,
+}
+
+impl Call<'_> {
+    /// Computes the output elements of activation rows `rows` in the columns of `panels`,
+    /// panel by panel; every row tile of the batch runs over a panel while it is in cache.
+    ///
+    /// # Safety
+    /// Nothing else reads or writes those output elements during the call.
+    unsafe fn run_task(&self, panels: std::ops::Range<usize>, rows: std::ops::Range<usize>) {
+        let (n_out, cols) = (self.w.rows, self.w.cols);
+        debug_assert!(rows.end <= self.m);
+        for p in panels {
+            let c0 = p * PANEL_WIDTH;
+            let lines = self.w.panel_lines(p);
+            let mut i = rows.start;
+            while i < rows.end {
+                let tile = Tile {
+                    x: self.x[i * cols..].as_ptr(),
+                    x_stride: cols,
+                    w: lines.as_ptr().cast(),
+                    k_len: cols,
+                    // SAFETY: row i < m and column c0 < rows: inside `out` (m×rows).
+                    out: unsafe { self.out.get().add(i * n_out + c0) },
+                    out_stride: n_out,
+                    width: (n_out - c0).min(PANEL_WIDTH),
+                    bias: self.bias.map(|b| b[c0..].as_ptr()),
+                };
+                let tile_rows = (rows.end - i).min(TILE_ROWS);
+                // Only the first tile streams the panel from memory; the others find it in
+                // cache, where prefetching would only cost instructions.
+                let stream = i == rows.start;
+                // SAFETY: the tile reads `tile_rows` rows of x from row i (i + tile_rows <= m)
+                // and the whole panel p, and writes the tile's `width` columns of those rows,
+                // which the caller gives this task alone.
+                unsafe { run_tile(self.level, self.w.dtype, tile_rows, stream, &tile) };
+                i += tile_rows;
             }
-            i += xs;
         }
     }
 }
 
-fn store<const MR: usize>(dots: [f32; MR], r: usize, bias: f32, outs: &mut [&mut [f32]]) {
-    for (out, dot) in outs.iter_mut().zip(dots) {
-        out[r] = dot + bias;
-    }
+/// One register tile: up to `TILE_ROWS` activation rows × one panel, over `k_len` values of k.
+struct Tile {
+    /// `x[i][k]` is at `x + i * x_stride + k`.
+    x: *const f32,
+    x_stride: usize,
+    /// The panel's first row (`k_len` rows of `PANEL_WIDTH` packed weights follow).
+    w: *const u8,
+    k_len: usize,
+    /// `out[i][j]` is at `out + i * out_stride + j`, for the tile's `width` columns.
+    out: *mut f32,
+    out_stride: usize,
+    /// Features of the panel that exist (the rest are padding, computed and discarded).
+    width: usize,
+    /// The bias of the tile's first column, added to the finished chains.
+    bias: Option<*const f32>,
 }
 
-/// `[i] = x[i] · w` for one weight row `w` and `MR` activation rows of `w.len()` values
-/// (for bf16 at a SIMD level, x reordered by `split_even_odd`).
+/// Runs the tile kernel for `level`, `dtype` and `rows` activation rows.
 ///
-/// The summation order depends only on `w.len()` and the SIMD level, never on the row or
-/// the task: results do not depend on the thread count, and a row of a batch equals the
-/// same row run alone.
-fn dot_row<T: Weight, const MR: usize>(level: SimdLevel, w: &[T], x: &[f32]) -> [f32; MR] {
-    let cols = w.len();
-    assert_eq!(x.len(), MR * cols);
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `linear_with` only lets levels up to `SimdLevel::detected()` through, so
-        // the CPU has AVX-512 F+BW; the lengths asserted above are the ones the kernel reads.
-        SimdLevel::Avx512 => unsafe { T::dot_row_avx512::<MR>(w.as_ptr(), x.as_ptr(), cols) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above, the CPU has AVX2 and FMA; lengths asserted above.
-        SimdLevel::Avx2 => unsafe { T::dot_row_avx2::<MR>(w.as_ptr(), x.as_ptr(), cols) },
-        _ => dot_row_scalar::<T, MR>(w, x),
+/// # Safety
+/// `t` describes `rows` readable rows of x, a readable panel of `t.k_len` rows of `dtype`
+/// weights, `t.width` readable bias values if any, and `rows` × `t.width` outputs no one else
+/// accesses; `level` is at most `SimdLevel::detected()`.
+unsafe fn run_tile(level: SimdLevel, dtype: WeightDtype, rows: usize, stream: bool, t: &Tile) {
+    macro_rules! dispatch {
+        ($kernel:ident, $bf16:literal) => {
+            match (rows, stream) {
+                (1, true) => $kernel::<$bf16, 1, true>(t),
+                (1, false) => $kernel::<$bf16, 1, false>(t),
+                (2, true) => $kernel::<$bf16, 2, true>(t),
+                (2, false) => $kernel::<$bf16, 2, false>(t),
+                (3, true) => $kernel::<$bf16, 3, true>(t),
+                (3, false) => $kernel::<$bf16, 3, false>(t),
+                (4, true) => $kernel::<$bf16, 4, true>(t),
+                (4, false) => $kernel::<$bf16, 4, false>(t),
+                (5, true) => $kernel::<$bf16, 5, true>(t),
+                (5, false) => $kernel::<$bf16, 5, false>(t),
+                (6, true) => $kernel::<$bf16, 6, true>(t),
+                (6, false) => $kernel::<$bf16, 6, false>(t),
+                _ => unreachable!("tiles have 1 to {TILE_ROWS} rows"),
+            }
+        };
+    }
+    let bf16 = dtype == WeightDtype::Bf16;
+    // SAFETY (each arm): the caller's contract is the kernels' contract; the x86 arms run only
+    // at a level the CPU supports.
+    unsafe {
+        match (level, bf16) {
+            #[cfg(target_arch = "x86_64")]
+            (SimdLevel::Avx512, false) => dispatch!(tile_avx512, false),
+            #[cfg(target_arch = "x86_64")]
+            (SimdLevel::Avx512, true) => dispatch!(tile_avx512, true),
+            #[cfg(target_arch = "x86_64")]
+            (SimdLevel::Avx2, false) => dispatch!(tile_avx2, false),
+            #[cfg(target_arch = "x86_64")]
+            (SimdLevel::Avx2, true) => dispatch!(tile_avx2, true),
+            (_, false) => dispatch!(tile_scalar, false),
+            (_, true) => dispatch!(tile_scalar, true),
+        }
     }
 }
 
-/// Portable kernel: eight interleaved partial sums per dot, which the compiler may keep in
-/// a vector register.
-fn dot_row_scalar<T: Weight, const MR: usize>(w: &[T], x: &[f32]) -> [f32; MR] {
-    const LANES: usize = 8;
-    let mut out = [0.0; MR];
-    for (xi, o) in x.chunks_exact(w.len()).zip(out.iter_mut()) {
-        let mut lanes = [0.0f32; LANES];
-        let (wc, xc) = (w.chunks_exact(LANES), xi.chunks_exact(LANES));
-        let (w_tail, x_tail) = (wc.remainder(), xc.remainder());
-        for (wc, xc) in wc.zip(xc) {
-            for ((l, wv), xv) in lanes.iter_mut().zip(wc).zip(xc) {
-                *l += wv.to_f32() * xv;
+/// Portable kernel: each output element is its own `f32::mul_add` chain (correctly rounded,
+/// so equal to a hardware FMA lane).
+///
+/// # Safety
+/// As `run_tile`, with `MR` rows.
+unsafe fn tile_scalar<const BF16: bool, const MR: usize, const STREAM: bool>(t: &Tile) {
+    let row_elems = PANEL_WIDTH;
+    for i in 0..MR {
+        for j in 0..t.width {
+            let mut acc = 0.0f32;
+            for k in 0..t.k_len {
+                // SAFETY: k < k_len rows of the panel, j < 64 features, row i < MR of x.
+                let (xv, wv) = unsafe {
+                    let xv = *t.x.add(i * t.x_stride + k);
+                    let wv = if BF16 {
+                        bf16_to_f32(*t.w.cast::<u16>().add(k * row_elems + bf16_slot(j)))
+                    } else {
+                        *t.w.cast::<f32>().add(k * row_elems + j)
+                    };
+                    (xv, wv)
+                };
+                acc = xv.mul_add(wv, acc);
+            }
+            // SAFETY: j < width: a bias value and an output of this tile.
+            unsafe {
+                if let Some(b) = t.bias {
+                    acc += *b.add(j);
+                }
+                *t.out.add(i * t.out_stride + j) = acc;
             }
         }
-        for ((l, wv), xv) in lanes.iter_mut().zip(w_tail).zip(x_tail) {
-            *l += wv.to_f32() * xv;
-        }
-        *o = lanes.iter().sum();
-    }
-    out
-}
-
-/// A stored weight type, with its kernels.
-trait Weight: Copy + Send + Sync + 'static {
-    fn to_f32(self) -> f32;
-
-    /// See `dot_row`.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512 F+BW; `w` points at `cols` weights and `x` at `MR * cols` floats
-    /// (row-major, row stride `cols`).
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn dot_row_avx512<const MR: usize>(
-        w: *const Self,
-        x: *const f32,
-        cols: usize,
-    ) -> [f32; MR];
-
-    /// See `dot_row`.
-    ///
-    /// # Safety
-    /// The CPU has AVX2 and FMA; `w` points at `cols` weights and `x` at `MR * cols` floats
-    /// (row-major, row stride `cols`).
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn dot_row_avx2<const MR: usize>(
-        w: *const Self,
-        x: *const f32,
-        cols: usize,
-    ) -> [f32; MR];
-}
-
-impl Weight for f32 {
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        self
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn dot_row_avx512<const MR: usize>(
-        w: *const f32,
-        x: *const f32,
-        cols: usize,
-    ) -> [f32; MR] {
-        x86::dot_row_f32_avx512::<MR>(w, x, cols)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_row_avx2<const MR: usize>(
-        w: *const f32,
-        x: *const f32,
-        cols: usize,
-    ) -> [f32; MR] {
-        x86::dot_row_f32_avx2::<MR>(w, x, cols)
-    }
-}
-
-impl Weight for bf16 {
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn dot_row_avx512<const MR: usize>(
-        w: *const bf16,
-        x: *const f32,
-        cols: usize,
-    ) -> [f32; MR] {
-        x86::dot_row_bf16_avx512::<MR>(w.cast(), x, cols)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_row_avx2<const MR: usize>(
-        w: *const bf16,
-        x: *const f32,
-        cols: usize,
-    ) -> [f32; MR] {
-        x86::dot_row_bf16_avx2::<MR>(w.cast(), x, cols)
     }
 }
 
 #[cfg(target_arch = "x86_64")]
+use x86::{tile_avx2, tile_avx512};
+
+#[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! The x86-64 GEMV kernels (see `super::dot_row`). Each is `unsafe` because it needs the
+    //! The x86-64 tile kernels (see `super::run_tile`). Each is `unsafe` because it needs the
     //! CPU features in its `target_feature` attribute, which callers check at run time, and
-    //! reads `cols` weights at `w` and `MR * cols` floats at `x` (row stride `cols`).
+    //! follows the pointers of its `Tile`.
     //!
-    //! Each dot keeps several vectors in flight, each summed in its own accumulator (FMA
-    //! latency is 4 cycles), and folds them in a fixed order at the end.
-    //!
-    //! bf16 weights: a 32-bit lane of packed bf16 holds element 2j in its low half and 2j+1
-    //! in its high half. Shifting the lane left by 16 gives element 2j as an f32, masking
-    //! off the low half gives element 2j+1: two instructions widen a whole vector, against
-    //! x reordered even-then-odd (`super::split_even_odd`). A trailing partial block is
-    //! widened by zero-extension against x in order.
+    //! Per k: broadcast `x[i][k]` for each tile row, load the panel's row k (widening bf16),
+    //! and FMA into the (row, feature) accumulator: the canonical chain per output element.
 
     use std::arch::x86_64::*;
 
-    use super::PREFETCH_AHEAD_BYTES;
+    use super::{Tile, PANEL_WIDTH, PREFETCH_AHEAD_BYTES};
 
-    /// Hints the cache line `PREFETCH_AHEAD_BYTES` past `p` into L2. Never faults, so the
-    /// line may lie past the end of the weights.
+    /// Bytes of one panel row.
+    const fn row_bytes(bf16: bool) -> usize {
+        PANEL_WIDTH * if bf16 { 2 } else { 4 }
+    }
+
+    /// Hints the panel row `PREFETCH_AHEAD_BYTES` past `row` into L2, one prefetch per cache
+    /// line. Never faults, so the lines may lie past the end of the weights.
     #[inline(always)]
-    fn prefetch_ahead<T>(p: *const T) {
-        let ahead = p.cast::<u8>().wrapping_add(PREFETCH_AHEAD_BYTES);
-        // SAFETY: a prefetch (baseline SSE) only hints the cache; it never faults or reads.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(ahead.cast()) };
+    fn prefetch_row<const BF16: bool>(row: *const u8) {
+        let ahead = row.wrapping_add(PREFETCH_AHEAD_BYTES);
+        for line in 0..row_bytes(BF16) / 64 {
+            // SAFETY: a prefetch (baseline SSE) only hints the cache; it never faults or reads.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(64 * line).cast()) };
+        }
     }
 
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn dot_row_f32_avx512<const MR: usize>(
-        w: *const f32,
-        x: *const f32,
-        cols: usize,
-    ) -> [f32; MR] {
-        const U: usize = 4;
-        let mut acc = [[_mm512_setzero_ps(); U]; MR];
-        let mut k = 0;
-        while k + 16 * U <= cols {
-            for u in 0..U {
-                prefetch_ahead(w.wrapping_add(k + 16 * u));
-                // SAFETY (all loads here): k + 16 * U <= cols.
-                let wv = _mm512_loadu_ps(w.add(k + 16 * u));
-                for (i, acc) in acc.iter_mut().enumerate() {
-                    acc[u] =
-                        _mm512_fmadd_ps(wv, _mm512_loadu_ps(x.add(i * cols + k + 16 * u)), acc[u]);
-                }
-            }
-            k += 16 * U;
-        }
-        while k + 16 <= cols {
-            // SAFETY (all loads here): k + 16 <= cols.
-            let wv = _mm512_loadu_ps(w.add(k));
-            for (i, acc) in acc.iter_mut().enumerate() {
-                acc[0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x.add(i * cols + k)), acc[0]);
-            }
-            k += 16;
-        }
-        if k < cols {
-            let mask = ((1u32 << (cols - k)) - 1) as u16;
-            // SAFETY (all loads here): the mask selects only the cols - k elements left.
-            let wv = _mm512_maskz_loadu_ps(mask, w.add(k));
-            for (i, acc) in acc.iter_mut().enumerate() {
-                acc[1] =
-                    _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x.add(i * cols + k)), acc[1]);
-            }
-        }
-        fold_avx512(acc)
+    /// Lane masks of the four 16-feature vectors of a panel row with `width` features.
+    #[inline(always)]
+    fn masks16(width: usize) -> [__mmask16; 4] {
+        std::array::from_fn(|v| {
+            let n = width.saturating_sub(16 * v).min(16);
+            ((1u32 << n) - 1) as __mmask16
+        })
     }
 
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn dot_row_bf16_avx512<const MR: usize>(
-        w: *const u16,
-        x: *const f32,
-        cols: usize,
-    ) -> [f32; MR] {
-        const U: usize = 2;
-        const BLOCK: usize = 32;
-        let high_half = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
-        // Per x row: [even, odd] accumulators of each of the U blocks in flight.
-        let mut acc = [[_mm512_setzero_ps(); 2 * U]; MR];
-        let mut k = 0;
-        while k + BLOCK * U <= cols {
-            for u in 0..U {
-                let k = k + BLOCK * u;
-                prefetch_ahead(w.wrapping_add(k));
-                // SAFETY (all loads here): the outer k + BLOCK * U <= cols.
-                let packed = _mm512_loadu_si512(w.add(k).cast());
-                let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(packed));
-                let odd = _mm512_castsi512_ps(_mm512_and_si512(packed, high_half));
-                for (i, acc) in acc.iter_mut().enumerate() {
-                    let xi = x.add(i * cols + k);
-                    acc[2 * u] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xi), acc[2 * u]);
-                    acc[2 * u + 1] =
-                        _mm512_fmadd_ps(odd, _mm512_loadu_ps(xi.add(16)), acc[2 * u + 1]);
-                }
-            }
-            k += BLOCK * U;
-        }
-        if k + BLOCK <= cols {
-            // SAFETY (all loads here): k + BLOCK <= cols.
-            let packed = _mm512_loadu_si512(w.add(k).cast());
-            let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(packed));
-            let odd = _mm512_castsi512_ps(_mm512_and_si512(packed, high_half));
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let xi = x.add(i * cols + k);
-                acc[0] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xi), acc[0]);
-                acc[1] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xi.add(16)), acc[1]);
-            }
-            k += BLOCK;
-        }
-        while k < cols {
-            let n = (cols - k).min(16);
-            let mask = ((1u32 << n) - 1) as u16;
-            // SAFETY (all loads here): the mask selects only the n <= cols - k elements left.
-            let halves =
-                _mm512_castsi512_si256(_mm512_maskz_loadu_epi16(u32::from(mask), w.add(k).cast()));
-            let wv = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(halves)));
-            for (i, acc) in acc.iter_mut().enumerate() {
-                acc[2] =
-                    _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x.add(i * cols + k)), acc[2]);
-            }
-            k += n;
-        }
-        fold_avx512(acc)
-    }
-
+    /// Panel row k as four vectors of features 0..16, 16..32, 32..48, 48..64.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn fold_avx512<const MR: usize>(acc: [[__m512; 4]; MR]) -> [f32; MR] {
-        let mut out = [0.0; MR];
-        for (o, a) in out.iter_mut().zip(acc) {
-            *o = _mm512_reduce_add_ps(_mm512_add_ps(
-                _mm512_add_ps(a[0], a[1]),
-                _mm512_add_ps(a[2], a[3]),
-            ));
+    unsafe fn load_row_avx512<const BF16: bool>(row: *const u8) -> [__m512; 4] {
+        // SAFETY (all loads here): the caller points `row` at a whole panel row.
+        unsafe {
+            if BF16 {
+                let high_half = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
+                let a = _mm512_loadu_si512(row.cast());
+                let b = _mm512_loadu_si512(row.add(64).cast());
+                [
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(a)),
+                    _mm512_castsi512_ps(_mm512_and_si512(a, high_half)),
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(b)),
+                    _mm512_castsi512_ps(_mm512_and_si512(b, high_half)),
+                ]
+            } else {
+                let p = row.cast::<f32>();
+                [
+                    _mm512_loadu_ps(p),
+                    _mm512_loadu_ps(p.add(16)),
+                    _mm512_loadu_ps(p.add(32)),
+                    _mm512_loadu_ps(p.add(48)),
+                ]
+            }
         }
-        out
     }
 
-    /// As `dot_row_f32_avx512` with 8 lanes; 16 registers hold 2 × `MR` accumulators.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_row_f32_avx2<const MR: usize>(
-        w: *const f32,
-        x: *const f32,
-        cols: usize,
-    ) -> [f32; MR] {
-        const U: usize = 2;
-        let mut acc = [[_mm256_setzero_ps(); U]; MR];
-        let mut k = 0;
-        while k + 8 * U <= cols {
-            prefetch_ahead(w.wrapping_add(k));
-            for u in 0..U {
-                // SAFETY (all loads here): k + 8 * U <= cols.
-                let wv = _mm256_loadu_ps(w.add(k + 8 * u));
+    /// `MR` rows × 64 features in 4 × `MR` zmm accumulators.
+    ///
+    /// # Safety
+    /// As `super::run_tile`, with `MR` rows, on a CPU with AVX-512 F+BW.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn tile_avx512<const BF16: bool, const MR: usize, const STREAM: bool>(
+        t: &Tile,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 4]; MR];
+        let mut w = t.w;
+        let mut x = t.x;
+        for _ in 0..t.k_len {
+            if STREAM {
+                prefetch_row::<BF16>(w);
+            }
+            // SAFETY: fewer than k_len rows have been consumed, so `w` is a panel row and `x`
+            // column k of each of the MR rows.
+            unsafe {
+                let wv = load_row_avx512::<BF16>(w);
                 for (i, acc) in acc.iter_mut().enumerate() {
-                    acc[u] =
-                        _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(i * cols + k + 8 * u)), acc[u]);
+                    let xb = _mm512_set1_ps(*x.add(i * t.x_stride));
+                    for (a, wv) in acc.iter_mut().zip(wv) {
+                        *a = _mm512_fmadd_ps(xb, wv, *a);
+                    }
+                }
+                w = w.add(row_bytes(BF16));
+                x = x.add(1);
+            }
+        }
+        let masks = masks16(t.width);
+        if let Some(b) = t.bias {
+            for (v, &mask) in masks.iter().enumerate() {
+                // SAFETY: the mask selects only the tile's `width` bias values; masked-off
+                // lanes are not read.
+                let bv = unsafe { _mm512_maskz_loadu_ps(mask, b.wrapping_add(16 * v)) };
+                for acc in acc.iter_mut() {
+                    acc[v] = _mm512_add_ps(acc[v], bv);
                 }
             }
-            k += 8 * U;
         }
-        while k + 8 <= cols {
-            // SAFETY (all loads here): k + 8 <= cols.
-            let wv = _mm256_loadu_ps(w.add(k));
-            for (i, acc) in acc.iter_mut().enumerate() {
-                acc[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(i * cols + k)), acc[0]);
-            }
-            k += 8;
-        }
-        if k < cols {
-            let mask = lane_mask8(cols - k);
-            // SAFETY (all loads here): the mask selects only the cols - k elements left.
-            let wv = _mm256_maskload_ps(w.add(k), mask);
-            for (i, acc) in acc.iter_mut().enumerate() {
-                acc[1] = _mm256_fmadd_ps(wv, _mm256_maskload_ps(x.add(i * cols + k), mask), acc[1]);
+        for (i, acc) in acc.iter().enumerate() {
+            let out = t.out.wrapping_add(i * t.out_stride);
+            for (v, &mask) in masks.iter().enumerate() {
+                // SAFETY: the mask selects only the tile's `width` outputs of row i.
+                unsafe { _mm512_mask_storeu_ps(out.wrapping_add(16 * v), mask, acc[v]) };
             }
         }
-        fold_avx2(acc)
     }
 
-    /// As `dot_row_bf16_avx512` with 8 lanes: blocks of 16 bf16, one block in flight.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_row_bf16_avx2<const MR: usize>(
-        w: *const u16,
-        x: *const f32,
-        cols: usize,
-    ) -> [f32; MR] {
-        const BLOCK: usize = 16;
-        let high_half = _mm256_set1_epi32(0xFFFF_0000_u32 as i32);
-        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-        let mut k = 0;
-        while k + BLOCK <= cols {
-            prefetch_ahead(w.wrapping_add(k));
-            // SAFETY (all loads here): k + BLOCK <= cols.
-            let packed = _mm256_loadu_si256(w.add(k).cast());
-            let even = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(packed));
-            let odd = _mm256_castsi256_ps(_mm256_and_si256(packed, high_half));
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let xi = x.add(i * cols + k);
-                acc[0] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xi), acc[0]);
-                acc[1] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xi.add(8)), acc[1]);
-            }
-            k += BLOCK;
-        }
-        while k < cols {
-            let n = (cols - k).min(8);
-            // SAFETY: n <= cols - k weights are left; the copy reads only those.
-            let mut buf = [0u16; 8];
-            std::ptr::copy_nonoverlapping(w.add(k), buf.as_mut_ptr(), n);
-            let wv = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
-                _mm_loadu_si128(buf.as_ptr().cast()),
-            )));
-            let mask = lane_mask8(n);
-            for (i, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: the mask selects only the n elements left in x row i.
-                acc[1] = _mm256_fmadd_ps(wv, _mm256_maskload_ps(x.add(i * cols + k), mask), acc[1]);
-            }
-            k += n;
-        }
-        fold_avx2(acc)
-    }
-
-    /// Lane mask with the first `n` of 8 lanes set, for `maskload`.
+    /// Lane mask with the first `n` (≤ 8) of 8 lanes set, for `maskload`/`maskstore`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn lane_mask8(n: usize) -> __m256i {
+    fn lane_mask8(n: usize) -> __m256i {
         _mm256_cmpgt_epi32(
             _mm256_set1_epi32(n as i32),
             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
         )
     }
 
-    #[inline]
+    /// `MR` rows × 64 features in four passes of 16 features (2 × `MR` ymm accumulators).
+    /// Pass s of an f32 panel covers features 16s..16s+8 and 16s+8..16s+16; of a bf16 panel
+    /// (one 256-bit load of 16 packed values, see `super::bf16_slot`) features c..c+8 and
+    /// c+16..c+24 with c = 32·(s/2) + 8·(s%2).
+    ///
+    /// # Safety
+    /// As `super::run_tile`, with `MR` rows, on a CPU with AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn fold_avx2<const MR: usize>(acc: [[__m256; 2]; MR]) -> [f32; MR] {
-        let mut out = [0.0; MR];
-        for (o, a) in out.iter_mut().zip(acc) {
-            let v = _mm256_add_ps(a[0], a[1]);
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            *o = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-        }
-        out
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// gemm (prefill)
-// ---------------------------------------------------------------------------------------
-
-/// Prefill through the `gemm` crate. bf16 weights are widened block by block into an f32
-/// scratch that stays in cache, one block per rayon task.
-fn gemm_linear(x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>, out: &mut [f32]) {
-    let (rows, cols) = (w.rows, w.cols);
-    let threads = rayon::current_num_threads();
-    let parallel = threads > 1 && m * rows * cols >= GEMM_PARALLEL_MIN_MACS;
-    match &w.data {
-        Storage::F32(d) => {
-            let par = if parallel {
-                gemm::Parallelism::Rayon(threads)
+    pub(super) unsafe fn tile_avx2<const BF16: bool, const MR: usize, const STREAM: bool>(
+        t: &Tile,
+    ) {
+        let high_half = _mm256_set1_epi32(0xFFFF_0000_u32 as i32);
+        for pass in 0..4 {
+            let (first, second, offset) = if BF16 {
+                let c = 32 * (pass / 2) + 8 * (pass % 2);
+                (c, c + 16, 32 * pass)
             } else {
-                gemm::Parallelism::None
+                (16 * pass, 16 * pass + 8, 64 * pass)
             };
-            // SAFETY: `linear_with` checked x = m×cols, W = rows×cols and out = m×rows, the
-            // extents this call reads and writes; `out` is borrowed mutably, so unaliased.
-            unsafe {
-                gemm_x_wt(
-                    m,
-                    rows,
-                    cols,
-                    out.as_mut_ptr(),
-                    rows,
-                    x.as_ptr(),
-                    d.as_ptr(),
-                    par,
-                )
-            };
-        }
-        Storage::Bf16(d) => {
-            let block_rows = if parallel {
-                let per_block = rows.div_ceil(PREFILL_BF16_BLOCKS_PER_THREAD * threads);
-                per_block.next_multiple_of(16).min(PREFILL_BF16_BLOCK_ROWS)
-            } else {
-                PREFILL_BF16_BLOCK_ROWS
-            };
-            let out_ptr = SendPtr(out.as_mut_ptr());
-            let run = |scratch: &mut Vec<f32>, r0: usize| {
-                let r1 = (r0 + block_rows).min(rows);
-                scratch.clear();
-                scratch.extend(d[r0 * cols..r1 * cols].iter().map(|v| v.to_f32()));
-                // SAFETY: the block writes columns r0..r1 (< rows) of the m output rows, a
-                // range no other block touches; `out` (m×rows, checked in `linear_with`) is
-                // borrowed mutably for the whole loop and not otherwise used during it; x is
-                // m×cols and the scratch (r1 - r0)×cols.
+            if first >= t.width {
+                continue;
+            }
+            let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+            let mut w = t.w.wrapping_add(offset);
+            let mut x = t.x;
+            for _ in 0..t.k_len {
+                if STREAM && pass == 0 {
+                    prefetch_row::<BF16>(w);
+                }
+                // SAFETY: fewer than k_len rows have been consumed, so `w` is inside a panel
+                // row (32 bytes at `offset` < row bytes) and `x` column k of the MR rows.
                 unsafe {
-                    gemm_x_wt(
-                        m,
-                        r1 - r0,
-                        cols,
-                        out_ptr.get().add(r0),
-                        rows,
-                        x.as_ptr(),
-                        scratch.as_ptr(),
-                        gemm::Parallelism::None,
-                    )
-                };
-            };
-            if parallel {
-                (0..rows)
-                    .into_par_iter()
-                    .step_by(block_rows)
-                    .for_each_init(Vec::new, run);
-            } else {
-                let mut scratch = Vec::new();
-                (0..rows)
-                    .step_by(block_rows)
-                    .for_each(|r0| run(&mut scratch, r0));
+                    let wv = if BF16 {
+                        let packed = _mm256_loadu_si256(w.cast());
+                        [
+                            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(packed)),
+                            _mm256_castsi256_ps(_mm256_and_si256(packed, high_half)),
+                        ]
+                    } else {
+                        let p = w.cast::<f32>();
+                        [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))]
+                    };
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let xb = _mm256_set1_ps(*x.add(i * t.x_stride));
+                        for (a, wv) in acc.iter_mut().zip(wv) {
+                            *a = _mm256_fmadd_ps(xb, wv, *a);
+                        }
+                    }
+                    w = w.add(row_bytes(BF16));
+                    x = x.add(1);
+                }
             }
-        }
-    }
-    if let Some(b) = bias {
-        for out_row in out.chunks_mut(rows) {
-            for (o, b) in out_row.iter_mut().zip(b) {
-                *o += b;
+            for (v, c) in [first, second].into_iter().enumerate() {
+                let n = t.width.saturating_sub(c).min(8);
+                if n == 0 {
+                    continue;
+                }
+                let mask = lane_mask8(n);
+                if let Some(b) = t.bias {
+                    // SAFETY: the mask selects only bias values of the tile's columns.
+                    let bv = unsafe { _mm256_maskload_ps(b.wrapping_add(c), mask) };
+                    for acc in acc.iter_mut() {
+                        acc[v] = _mm256_add_ps(acc[v], bv);
+                    }
+                }
+                for (i, acc) in acc.iter().enumerate() {
+                    let out = t.out.wrapping_add(i * t.out_stride + c);
+                    // SAFETY: the mask selects only the tile's outputs of row i.
+                    unsafe { _mm256_maskstore_ps(out, mask, acc[v]) };
+                }
             }
         }
     }
 }
 
-/// `out[m × n] = x[m × k] · wᵀ` with `w` = `n` rows of `k` (row-major) and output row
-/// stride `out_rs`.
-///
-/// # Safety
-/// `x` is readable for `m * k` floats, `w` for `n * k`, `out` writable at `i * out_rs + j`
-/// for `i < m`, `j < n`, and nothing else accesses those outputs during the call.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_x_wt(
-    m: usize,
-    n: usize,
-    k: usize,
-    out: *mut f32,
-    out_rs: usize,
-    x: *const f32,
-    w: *const f32,
-    par: gemm::Parallelism,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        out,
-        1,
-        out_rs as isize,
-        false,
-        x,
-        1,
-        k as isize,
-        w,
-        k as isize,
-        1,
-        0.0,
-        1.0,
-        false,
-        false,
-        false,
-        par,
-    );
-}
-
-/// An output pointer shared by rayon tasks that write disjoint parts of it.
+/// An output pointer shared by the tasks of one `linear` call, which write disjoint parts of
+/// it.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 
-// SAFETY: only used by `gemm_linear`, whose tasks write disjoint output columns.
+// SAFETY: only used by `linear_with`, whose tasks write disjoint output elements.
 unsafe impl Send for SendPtr {}
 // SAFETY: as above.
 unsafe impl Sync for SendPtr {}
@@ -931,23 +806,60 @@ mod tests {
             .collect()
     }
 
-    const SHAPES: [(usize, usize); 8] = [
+    /// `(rows, cols)`: edge cases, sizes that are multiples of nothing, and panels with and
+    /// without padding.
+    const SHAPES: [(usize, usize); 10] = [
         (1, 1),
+        (7, 5),
         (3, 17),
         (37, 129),
+        (33, 130),
+        (64, 64),
+        (65, 3),
+        (100, 257),
         (250, 768),
-        (16, 64),
-        (9, 23),
-        (5, 47),
         (4, 100),
     ];
-    const BATCHES: [usize; 7] = [1, 2, 3, 5, 8, 9, 33];
+    const BATCHES: [usize; 12] = [1, 2, 3, 5, 6, 7, 12, 13, 31, 64, 65, 100];
+    const DTYPES: [WeightDtype; 2] = [WeightDtype::F32, WeightDtype::Bf16];
 
     fn levels() -> Vec<SimdLevel> {
         [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512]
             .into_iter()
             .filter(|&l| l <= SimdLevel::detected())
             .collect()
+    }
+
+    /// The weights as `Matrix::new` stores them (bf16-rounded), row-major, from the source
+    /// values rather than from the packed layout.
+    fn stored(data: &[f32], dtype: WeightDtype) -> Vec<f32> {
+        match dtype {
+            WeightDtype::F32 => data.to_vec(),
+            WeightDtype::Bf16 => data.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
+        }
+    }
+
+    /// The canonical numerics, written independently of the kernels: one `mul_add` chain per
+    /// output over k in order from 0.0, then the bias in one rounding.
+    fn canonical(
+        x: &[f32],
+        m: usize,
+        rows: usize,
+        cols: usize,
+        w: &[f32],
+        bias: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let mut out = vec![0.0; m * rows];
+        for i in 0..m {
+            for r in 0..rows {
+                let mut acc = 0.0f32;
+                for k in 0..cols {
+                    acc = x[i * cols + k].mul_add(w[r * cols + k], acc);
+                }
+                out[i * rows + r] = acc + bias.map_or(0.0, |b| b[r]);
+            }
+        }
+        out
     }
 
     /// Checks `out` against an f64 reference over the weights as stored, allowing f32
@@ -980,25 +892,22 @@ mod tests {
         }
     }
 
-    fn run(
-        level: SimdLevel,
-        kernel: Kernel,
-        x: &[f32],
-        m: usize,
-        w: &Matrix,
-        bias: Option<&[f32]>,
-    ) -> Vec<f32> {
+    fn run(level: SimdLevel, x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>) -> Vec<f32> {
         // NaN so that an output the kernel forgets to write fails the check.
         let mut out = vec![f32::NAN; m * w.rows()];
-        linear_with(level, kernel, x, m, w, bias, &mut out);
+        linear_with(level, x, m, w, bias, &mut out);
         out
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
     }
 
     fn matches_reference(dtype: WeightDtype) {
         for (s, &(rows, cols)) in SHAPES.iter().enumerate() {
             let w = Matrix::new(rows, cols, values(rows * cols, s as u64), dtype);
             let bias = values(rows, 100 + s as u64);
-            for m in BATCHES {
+            for m in [1, 2, 5, 8, 9, 33] {
                 let x = values(m * cols, 200 + m as u64);
                 for b in [None, Some(bias.as_slice())] {
                     let mut out = vec![f32::NAN; m * rows];
@@ -1021,26 +930,82 @@ mod tests {
     }
 
     #[test]
-    fn every_simd_level_and_kernel_matches_reference() {
+    fn every_simd_level_computes_the_canonical_chain_bit_for_bit() {
         for level in levels() {
-            for kernel in [Kernel::Gemv, Kernel::Gemm] {
-                for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
-                    for (s, &(rows, cols)) in SHAPES.iter().enumerate() {
-                        let w = Matrix::new(rows, cols, values(rows * cols, 300 + s as u64), dtype);
-                        let bias = values(rows, 400 + s as u64);
-                        for m in BATCHES {
-                            let x = values(m * cols, 500 + m as u64);
-                            for b in [None, Some(bias.as_slice())] {
-                                let out = run(level, kernel, &x, m, &w, b);
-                                let what = format!(
-                                    "{level:?} {kernel:?} {dtype} {rows}×{cols} m={m} bias={}",
-                                    b.is_some()
-                                );
-                                check(&out, &x, m, &w, b, &what);
-                            }
+            for dtype in DTYPES {
+                for (s, &(rows, cols)) in SHAPES.iter().enumerate() {
+                    let data = values(rows * cols, 300 + s as u64);
+                    let w = Matrix::new(rows, cols, data.clone(), dtype);
+                    let wf = stored(&data, dtype);
+                    let bias = values(rows, 400 + s as u64);
+                    for m in [1, 2, 6, 7, 13] {
+                        let x = values(m * cols, 500 + m as u64);
+                        for b in [None, Some(bias.as_slice())] {
+                            let out = run(level, &x, m, &w, b);
+                            let want = canonical(&x, m, rows, cols, &wf, b);
+                            assert_eq!(
+                                bits(&out),
+                                bits(&want),
+                                "{level:?} {dtype} {rows}×{cols} m={m} bias={}",
+                                b.is_some()
+                            );
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// The batch-invariance promise: a probe row gives the same bits alone and at every
+    /// position of every batch size, at every SIMD level.
+    #[test]
+    fn rows_are_bit_identical_at_every_batch_size_and_position() {
+        let shapes = SHAPES.iter().copied().chain([(3072, 768)]);
+        for (s, (rows, cols)) in shapes.enumerate() {
+            let bias = values(rows, 600 + s as u64);
+            let probe = values(cols, 700 + s as u64);
+            for dtype in DTYPES {
+                let w = Matrix::new(rows, cols, values(rows * cols, 800 + s as u64), dtype);
+                for level in levels() {
+                    // The scalar kernel is slow; the big shape only runs small batches there.
+                    let max_m = if rows * cols > 1 << 20 { 13 } else { 100 };
+                    let alone = run(level, &probe, 1, &w, Some(&bias));
+                    for m in BATCHES.into_iter().filter(|&m| m <= max_m) {
+                        let mut positions = vec![0, m / 2, m - 1];
+                        positions.dedup();
+                        for pos in positions {
+                            let mut x = values(m * cols, 900 + m as u64);
+                            x[pos * cols..(pos + 1) * cols].copy_from_slice(&probe);
+                            let out = run(level, &x, m, &w, Some(&bias));
+                            assert_eq!(
+                                bits(&out[pos * rows..(pos + 1) * rows]),
+                                bits(&alone),
+                                "{level:?} {dtype} {rows}×{cols}: row {pos} of m={m}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_simd_level_gives_the_same_bits() {
+        let (rows, cols) = (300, 200);
+        for dtype in DTYPES {
+            let w = Matrix::new(rows, cols, values(rows * cols, 10), dtype);
+            let bias = values(rows, 11);
+            for m in [1, 4, 6, 19] {
+                let x = values(m * cols, 12);
+                let outs: Vec<_> = levels()
+                    .into_iter()
+                    .map(|l| bits(&run(l, &x, m, &w, Some(&bias))))
+                    .collect();
+                assert!(
+                    outs.iter().all(|o| o == &outs[0]),
+                    "{dtype} m={m}: levels {:?} disagree",
+                    levels()
+                );
             }
         }
     }
@@ -1054,55 +1019,68 @@ mod tests {
     }
 
     #[test]
-    fn gemv_results_do_not_depend_on_thread_count() {
-        // 1000 rows of 300: the task split differs between 1, 2 and 3 threads.
-        let (rows, cols, m) = (1000, 300, 3);
-        let x = values(m * cols, 1);
-        let bias = values(rows, 2);
-        for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
-            let w = Matrix::new(rows, cols, values(rows * cols, 3), dtype);
-            for level in levels() {
-                let outs: Vec<Vec<f32>> = [1, 2, 3]
-                    .into_iter()
-                    .map(|threads| {
-                        let pool = rayon::ThreadPoolBuilder::new()
-                            .num_threads(threads)
-                            .build()
-                            .unwrap();
-                        pool.install(|| run(level, Kernel::Gemv, &x, m, &w, Some(&bias)))
-                    })
-                    .collect();
+    fn results_do_not_depend_on_thread_count() {
+        // (rows, cols, m): 1000×300 splits into several panel groups; 64×300 at m = 100 is
+        // one panel split over row blocks.
+        let cases = [(1000, 300, 1), (1000, 300, 3), (1000, 300, 40), (64, 300, 100)];
+        for (rows, cols, m) in cases {
+            let x = values(m * cols, 1);
+            let bias = values(rows, 2);
+            for dtype in DTYPES {
+                let w = Matrix::new(rows, cols, values(rows * cols, 3), dtype);
+                let plan = Plan::new(m, &w, 3);
                 assert!(
-                    outs.iter().all(|o| o == &outs[0]),
-                    "{level:?} {dtype}: outputs differ by thread count"
+                    plan.groups() * plan.row_blocks > 1,
+                    "{rows}×{cols} m={m} should split into tasks"
                 );
+                for level in levels() {
+                    let outs: Vec<Vec<u32>> = [1, 2, 3]
+                        .into_iter()
+                        .map(|threads| {
+                            let pool = rayon::ThreadPoolBuilder::new()
+                                .num_threads(threads)
+                                .build()
+                                .unwrap();
+                            pool.install(|| bits(&run(level, &x, m, &w, Some(&bias))))
+                        })
+                        .collect();
+                    assert!(
+                        outs.iter().all(|o| o == &outs[0]),
+                        "{level:?} {dtype} {rows}×{cols} m={m}: outputs differ by thread count"
+                    );
+                }
             }
         }
     }
 
     #[test]
-    fn batched_gemv_rows_equal_single_row_decode() {
-        let (rows, cols, m) = (37, 129, 7);
-        let x = values(m * cols, 4);
-        for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
-            let w = Matrix::new(rows, cols, values(rows * cols, 5), dtype);
-            for level in levels() {
-                let batch = run(level, Kernel::Gemv, &x, m, &w, None);
-                for i in 0..m {
-                    let single = run(
-                        level,
-                        Kernel::Gemv,
-                        &x[i * cols..(i + 1) * cols],
-                        1,
-                        &w,
-                        None,
-                    );
-                    assert_eq!(
-                        &batch[i * rows..(i + 1) * rows],
-                        single.as_slice(),
-                        "{level:?} {dtype} row {i}"
-                    );
-                }
+    fn large_batches_split_over_rows_and_decode_over_panels() {
+        let w = Matrix::new(64, 300, values(64 * 300, 1), WeightDtype::F32);
+        let plan = Plan::new(100, &w, 3);
+        assert_eq!(plan.groups(), 1);
+        assert!(plan.row_blocks > 1 && plan.rows_per_block % TILE_ROWS == 0);
+
+        let w = Matrix::new(3072, 768, values(3072 * 768, 1), WeightDtype::F32);
+        let plan = Plan::new(1, &w, 2);
+        assert_eq!(plan.row_blocks, 1);
+        assert!(plan.groups() >= 2 * TASKS_PER_THREAD.min(plan.n_panels / 2));
+
+        let plan = Plan::new(1000, &w, 1);
+        assert_eq!(plan.groups() * plan.row_blocks, 1, "one thread runs one task");
+    }
+
+    #[test]
+    fn bias_is_added_to_every_row() {
+        let (rows, cols, m) = (70, 9, 3);
+        let w = Matrix::from_f32(rows, cols, values(rows * cols, 13));
+        let x = values(m * cols, 14);
+        let bias = values(rows, 15);
+        let plain = run(SimdLevel::detected(), &x, m, &w, None);
+        let biased = run(SimdLevel::detected(), &x, m, &w, Some(&bias));
+        for i in 0..m {
+            for r in 0..rows {
+                let (p, b) = (plain[i * rows + r], biased[i * rows + r]);
+                assert_eq!(b.to_bits(), (p + bias[r]).to_bits(), "out[{i}][{r}]");
             }
         }
     }
@@ -1152,19 +1130,30 @@ mod tests {
 
     #[test]
     fn row_to_f32_returns_the_stored_row() {
-        let data = values(3 * 17, 7);
-        let w = Matrix::from_f32(3, 17, data.clone());
-        let mut row = vec![0.0; 17];
-        w.row_to_f32(2, &mut row);
-        assert_eq!(row, &data[34..51]);
+        // 130 rows: three panels, the last one padded.
+        let (rows, cols) = (130, 17);
+        let data = values(rows * cols, 7);
+        for dtype in DTYPES {
+            let w = Matrix::new(rows, cols, data.clone(), dtype);
+            let want = stored(&data, dtype);
+            let mut row = vec![0.0; cols];
+            for r in 0..rows {
+                w.row_to_f32(r, &mut row);
+                assert_eq!(
+                    bits(&row),
+                    bits(&want[r * cols..(r + 1) * cols]),
+                    "{dtype} row {r}"
+                );
+            }
+        }
+    }
 
-        let w = Matrix::new(3, 17, data.clone(), WeightDtype::Bf16);
-        w.row_to_f32(1, &mut row);
-        let want: Vec<f32> = data[17..34]
-            .iter()
-            .map(|&v| bf16::from_f32(v).to_f32())
-            .collect();
-        assert_eq!(row, want);
+    #[test]
+    fn bf16_slots_are_a_permutation_of_the_panel_row() {
+        let mut seen = [false; PANEL_WIDTH];
+        for j in 0..PANEL_WIDTH {
+            assert!(!std::mem::replace(&mut seen[bf16_slot(j)], true), "feature {j}");
+        }
     }
 
     #[test]
@@ -1201,5 +1190,12 @@ mod tests {
     fn linear_rejects_a_wrong_input_length() {
         let w = Matrix::from_f32(2, 3, vec![0.0; 6]);
         linear(&[0.0; 5], 2, &w, None, &mut [0.0; 4]);
+    }
+
+    #[test]
+    #[should_panic(expected = "linear: bias holds")]
+    fn linear_rejects_a_wrong_bias_length() {
+        let w = Matrix::from_f32(2, 3, vec![0.0; 6]);
+        linear(&[0.0; 3], 1, &w, Some(&[0.0; 3]), &mut [0.0; 2]);
     }
 }
