@@ -201,6 +201,20 @@ async fn dropped_streams_free_their_kv_blocks_within_a_step() {
     assert!(took < Duration::from_millis(500), "freed after {took:?}");
     assert_eq!(cancelled(&metrics().await) - before, 5.0);
 
+    // A unary HTTP request whose client hangs up.
+    let gone = reqwest::Client::new()
+        .post(format!("{}/v1/completions", serve.http))
+        .timeout(Duration::from_millis(300))
+        .json(&serde_json::json!({
+            "model": "gpt2-tiny", "prompt": "The cluster", "max_tokens": 900, "ignore_eos": true,
+        }))
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client gave up first");
+    let took = wait_idle(&serve.http, Duration::from_secs(2)).await;
+    assert!(took < Duration::from_millis(500), "freed after {took:?}");
+    assert_eq!(cancelled(&metrics().await) - before, 6.0);
+
     // The cluster serves on.
     let mut c = client.clone();
     let r = c

@@ -1022,7 +1022,12 @@ mod tests {
     fn results_do_not_depend_on_thread_count() {
         // (rows, cols, m): 1000×300 splits into several panel groups; 64×300 at m = 100 is
         // one panel split over row blocks.
-        let cases = [(1000, 300, 1), (1000, 300, 3), (1000, 300, 40), (64, 300, 100)];
+        let cases = [
+            (1000, 300, 1),
+            (1000, 300, 3),
+            (1000, 300, 40),
+            (64, 300, 100),
+        ];
         for (rows, cols, m) in cases {
             let x = values(m * cols, 1);
             let bias = values(rows, 2);
@@ -1066,7 +1071,11 @@ mod tests {
         assert!(plan.groups() >= 2 * TASKS_PER_THREAD.min(plan.n_panels / 2));
 
         let plan = Plan::new(1000, &w, 1);
-        assert_eq!(plan.groups() * plan.row_blocks, 1, "one thread runs one task");
+        assert_eq!(
+            plan.groups() * plan.row_blocks,
+            1,
+            "one thread runs one task"
+        );
     }
 
     #[test]
@@ -1152,7 +1161,10 @@ mod tests {
     fn bf16_slots_are_a_permutation_of_the_panel_row() {
         let mut seen = [false; PANEL_WIDTH];
         for j in 0..PANEL_WIDTH {
-            assert!(!std::mem::replace(&mut seen[bf16_slot(j)], true), "feature {j}");
+            assert!(
+                !std::mem::replace(&mut seen[bf16_slot(j)], true),
+                "feature {j}"
+            );
         }
     }
 
