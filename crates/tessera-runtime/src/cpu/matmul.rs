@@ -29,7 +29,11 @@
 //! so it is bound by memory bandwidth: a tile of one row reads its panel sequentially with a
 //! software prefetch a few KiB ahead, and its four independent FMA chains per k step are far
 //! faster than memory. Prefill is compute bound: a panel (≤ 0.8 MB for GPT-2 shapes) stays in
-//! L2 while every row tile of the batch runs over it.
+//! L2 while every row tile of the batch runs over it. Measured on the 2-core development VM
+//! (GPT-2 shapes, m = 64 and 256): blocking k so that a 128- or 256-row block of the panel
+//! stays in L1 (partial sums stored to `out` and reloaded, which is exact) was no faster, and
+//! widening a bf16 panel once into an f32 scratch (a portable loop) was slower at m = 16–64
+//! than widening each panel row in registers, so neither is done.
 //!
 //! Parallelism uses the current rayon pool (callers `pool.install(..)`): tasks own groups of
 //! panels and, for large batches, blocks of rows; a task computes whole output elements, so
@@ -535,35 +539,45 @@ unsafe fn run_tile(level: SimdLevel, dtype: WeightDtype, rows: usize, stream: bo
     }
 }
 
-/// Portable kernel: each output element is its own `f32::mul_add` chain (correctly rounded,
-/// so equal to a hardware FMA lane).
+/// Portable kernel, the same outer product as the SIMD ones: per k, each (row, feature)
+/// accumulator takes one `f32::mul_add` (correctly rounded, so equal to a hardware FMA lane).
+/// Where the target has FMA (aarch64, for one) the compiler can vectorise the feature loop.
 ///
 /// # Safety
 /// As `run_tile`, with `MR` rows.
 unsafe fn tile_scalar<const BF16: bool, const MR: usize, const STREAM: bool>(t: &Tile) {
-    let row_elems = PANEL_WIDTH;
-    for i in 0..MR {
-        for j in 0..t.width {
-            let mut acc = 0.0f32;
-            for k in 0..t.k_len {
-                // SAFETY: k < k_len rows of the panel, j < 64 features, row i < MR of x.
-                let (xv, wv) = unsafe {
-                    let xv = *t.x.add(i * t.x_stride + k);
-                    let wv = if BF16 {
-                        bf16_to_f32(*t.w.cast::<u16>().add(k * row_elems + bf16_slot(j)))
-                    } else {
-                        *t.w.cast::<f32>().add(k * row_elems + j)
-                    };
-                    (xv, wv)
-                };
-                acc = xv.mul_add(wv, acc);
+    let mut acc = [[0.0f32; PANEL_WIDTH]; MR];
+    let mut row = [0.0f32; PANEL_WIDTH];
+    for k in 0..t.k_len {
+        // SAFETY: k < k_len, so panel row k (64 packed weights) is readable.
+        unsafe {
+            if BF16 {
+                let packed = t.w.cast::<u16>().add(k * PANEL_WIDTH);
+                for (j, w) in row.iter_mut().enumerate() {
+                    *w = bf16_to_f32(*packed.add(bf16_slot(j)));
+                }
+            } else {
+                let packed = t.w.cast::<f32>().add(k * PANEL_WIDTH);
+                row.copy_from_slice(std::slice::from_raw_parts(packed, PANEL_WIDTH));
             }
+        }
+        for (i, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: row i < MR of x, column k < k_len.
+            let xv = unsafe { *t.x.add(i * t.x_stride + k) };
+            for (a, &w) in acc.iter_mut().zip(&row) {
+                *a = xv.mul_add(w, *a);
+            }
+        }
+    }
+    for (i, acc) in acc.iter().enumerate() {
+        for (j, &a) in acc.iter().enumerate().take(t.width) {
             // SAFETY: j < width: a bias value and an output of this tile.
             unsafe {
-                if let Some(b) = t.bias {
-                    acc += *b.add(j);
-                }
-                *t.out.add(i * t.out_stride + j) = acc;
+                let out = t.out.add(i * t.out_stride + j);
+                *out = match t.bias {
+                    Some(b) => a + *b.add(j),
+                    None => a,
+                };
             }
         }
     }
@@ -1063,12 +1077,16 @@ mod tests {
         let w = Matrix::new(64, 300, values(64 * 300, 1), WeightDtype::F32);
         let plan = Plan::new(100, &w, 3);
         assert_eq!(plan.groups(), 1);
-        assert!(plan.row_blocks > 1 && plan.rows_per_block % TILE_ROWS == 0);
+        assert!(plan.row_blocks > 1 && plan.rows_per_block.is_multiple_of(TILE_ROWS));
 
         let w = Matrix::new(3072, 768, values(3072 * 768, 1), WeightDtype::F32);
         let plan = Plan::new(1, &w, 2);
         assert_eq!(plan.row_blocks, 1);
-        assert!(plan.groups() >= 2 * TASKS_PER_THREAD.min(plan.n_panels / 2));
+        assert_eq!(
+            plan.groups(),
+            2 * TASKS_PER_THREAD,
+            "48 panels over 2 threads"
+        );
 
         let plan = Plan::new(1000, &w, 1);
         assert_eq!(
