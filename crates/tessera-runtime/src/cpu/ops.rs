@@ -30,19 +30,82 @@ pub(super) fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, cols: usize,
 }
 
 /// GPT-2's `gelu_new`: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+///
+/// The tanh is computed by [`tanh_approx`] in plain f32 arithmetic, which the compiler
+/// vectorises: an element's result depends only on its value, never on where it sits in
+/// the buffer (vector body or scalar tail give the same bits), which keeps the forward pass
+/// batch-invariant. libm's `tanhf` was a fifth of a batched GPT-2 decode step.
 pub(super) fn gelu_new(x: &mut [f32]) {
-    const C: f32 = 0.797_884_6; // sqrt(2/pi)
-    let f = |v: &mut f32| {
-        let u = *v;
-        *v = 0.5 * u * (1.0 + (C * (u + 0.044715 * u * u * u)).tanh());
-    };
-    // tanh is tens of cycles: a decode row of the MLP (4·d values) is already worth splitting.
+    // A decode row of the MLP (4·d values) is already worth splitting.
     if x.len() >= 2048 {
-        x.par_chunks_mut(1024)
-            .for_each(|c| c.iter_mut().for_each(f));
+        x.par_chunks_mut(1024).for_each(gelu_slice);
     } else {
-        x.iter_mut().for_each(f);
+        gelu_slice(x);
     }
+}
+
+fn gelu_slice(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx512() {
+            // SAFETY: the CPU has AVX-512 F (checked at run time).
+            unsafe { gelu_slice_avx512(x) };
+            return;
+        }
+    }
+    gelu_slice_portable(x);
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
+}
+
+/// The same loop compiled for AVX-512: the arithmetic is the same IEEE operations in the
+/// same order (Rust never contracts a multiply and an add into an FMA), so the bits are too.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gelu_slice_avx512(x: &mut [f32]) {
+    gelu_slice_portable(x);
+}
+
+#[inline(always)]
+fn gelu_slice_portable(x: &mut [f32]) {
+    const C: f32 = 0.797_884_6; // sqrt(2/pi)
+    for v in x.iter_mut() {
+        let u = *v;
+        *v = 0.5 * u * (1.0 + tanh_approx(C * (u + 0.044715 * u * u * u)));
+    }
+}
+
+/// `e^v` for `v ≥ 0` (clamped at 88, below f32 overflow): `2^n · e^r` with `n` the nearest
+/// integer to `v / ln 2`, `|r| ≤ ln 2 / 2` (Cody–Waite split of ln 2), and `e^r` by its
+/// Taylor polynomial to `r^7` (truncation below 1e-8 relative). Branch-free, so it
+/// vectorises.
+#[inline(always)]
+fn exp_nonneg(v: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4; // 0.693359375, exact in 9 bits
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding and subtracting rounds to an integer
+    let v = v.min(88.0);
+    let n = (v * LOG2E + ROUND) - ROUND;
+    let r = (v - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `tanh(u) = sign(u) · (1 − 2 / (e^{2|u|} + 1))`, absolute error below 2e-7.
+#[inline(always)]
+fn tanh_approx(u: f32) -> f32 {
+    let t = 1.0 - 2.0 / (exp_nonneg(2.0 * u.abs()) + 1.0);
+    t.copysign(u)
 }
 
 fn slot(spec: KvSpec, table: &[u32], pos: usize) -> Result<usize> {
@@ -100,6 +163,93 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Where one head of one sequence lives in the paged cache.
+struct HeadView<'a> {
+    table: &'a [u32],
+    block_size: usize,
+    /// Values per cache slot (every head of the worker).
+    width: usize,
+    /// This head's first value in a slot.
+    offset: usize,
+    dh: usize,
+}
+
+impl HeadView<'_> {
+    /// Calls `f(position, slot_start)` for positions `0..=last`, walking the block table
+    /// block by block.
+    #[inline(always)]
+    fn each(&self, last: usize, mut f: impl FnMut(usize, usize)) {
+        for (b, &block) in self.table.iter().enumerate() {
+            let first = b * self.block_size;
+            if first > last {
+                break;
+            }
+            let base = block as usize * self.block_size;
+            for slot in 0..self.block_size.min(last + 1 - first) {
+                f(first + slot, (base + slot) * self.width + self.offset);
+            }
+        }
+    }
+}
+
+/// One query row of one head over positions `0..=pos`: scaled dot products, softmax,
+/// weighted sum of the values into `o`. The arithmetic is fixed (the same `dot`, positions
+/// in order), so the AVX-512 build of it gives the same bits as the portable one.
+fn attend(head: &HeadView, q: &[f32], pos: usize, scale: f32, k: &[f32], v: &[f32], o: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx512() {
+            // SAFETY: the CPU has AVX-512 F (checked at run time).
+            unsafe { attend_avx512(head, q, pos, scale, k, v, o) };
+            return;
+        }
+    }
+    attend_portable(head, q, pos, scale, k, v, o);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn attend_avx512(
+    head: &HeadView,
+    q: &[f32],
+    pos: usize,
+    scale: f32,
+    k: &[f32],
+    v: &[f32],
+    o: &mut [f32],
+) {
+    attend_portable(head, q, pos, scale, k, v, o);
+}
+
+#[inline(always)]
+fn attend_portable(
+    head: &HeadView,
+    q: &[f32],
+    pos: usize,
+    scale: f32,
+    k: &[f32],
+    v: &[f32],
+    o: &mut [f32],
+) {
+    let dh = head.dh;
+    let mut scores = Vec::with_capacity(pos + 1);
+    head.each(pos, |_, at| scores.push(dot(q, &k[at..at + dh]) * scale));
+    let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for sc in scores.iter_mut() {
+        *sc = (*sc - max).exp();
+        sum += *sc;
+    }
+    let inv = 1.0 / sum;
+    o.fill(0.0);
+    head.each(pos, |p, at| {
+        let w = scores[p] * inv;
+        for (acc, &vv) in o.iter_mut().zip(&v[at..at + dh]) {
+            *acc += w * vv;
+        }
+    });
+}
+
 /// Causal attention of every new token over its sequence's cached positions, one task per
 /// (token, head). Slots were validated by [`write_kv`], which runs first.
 pub(super) fn paged_attention(
@@ -125,28 +275,14 @@ pub(super) fn paged_attention(
         let (row, h) = (task / spec.heads, task % spec.heads);
         let (s, pos) = rows[row];
         let q = &qkv[row * 3 * width + h * dh..row * 3 * width + (h + 1) * dh];
-        let at = |p: usize| {
-            (s.block_table[p / spec.block_size] as usize * spec.block_size + p % spec.block_size)
-                * width
-                + h * dh
+        let head = HeadView {
+            table: &s.block_table,
+            block_size: spec.block_size,
+            width,
+            offset: h * dh,
+            dh,
         };
-        let mut scores: Vec<f32> = (0..=pos)
-            .map(|p| dot(q, &k[at(p)..at(p) + dh]) * scale)
-            .collect();
-        let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for sc in scores.iter_mut() {
-            *sc = (*sc - max).exp();
-            sum += *sc;
-        }
-        let inv = 1.0 / sum;
-        o.fill(0.0);
-        for (p, sc) in scores.iter().enumerate() {
-            let w = sc * inv;
-            for (acc, &vv) in o.iter_mut().zip(&v[at(p)..at(p) + dh]) {
-                *acc += w * vv;
-            }
-        }
+        attend(&head, q, pos, scale, k, v, o);
     };
     // Work per task grows with the context; split whenever there is more than one task.
     if rows.len() * spec.heads > 1 {
@@ -159,6 +295,47 @@ pub(super) fn paged_attention(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gelu_new_matches_the_tanh_formula_in_f64() {
+        let xs: Vec<f32> = (-4000..=4000).map(|i| i as f32 * 0.0037).collect();
+        let mut got = xs.clone();
+        gelu_new(&mut got);
+        for (&x, &g) in xs.iter().zip(&got) {
+            let x64 = x as f64;
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            let want = 0.5 * x64 * (1.0 + (c * (x64 + 0.044715 * x64.powi(3))).tanh());
+            assert!(
+                (g as f64 - want).abs() <= 2e-7 * x64.abs().max(1.0),
+                "gelu({x}) = {g}, want {want}"
+            );
+        }
+        let mut big = [100.0f32, -100.0, 1e30, -1e30, 0.0];
+        gelu_new(&mut big);
+        assert_eq!(big, [100.0, -0.0, 1e30, -0.0, 0.0]);
+    }
+
+    #[test]
+    fn gelu_of_a_value_does_not_depend_on_its_place_in_the_buffer() {
+        let xs: Vec<f32> = (0..4099)
+            .map(|i| ((i * 7919 % 2001) as f32 - 1000.0) / 97.0)
+            .collect();
+        let mut all = xs.clone();
+        gelu_new(&mut all);
+        for (i, &x) in xs.iter().enumerate().step_by(13) {
+            let mut one = [x];
+            gelu_new(&mut one);
+            assert_eq!(one[0].to_bits(), all[i].to_bits(), "element {i}");
+            gelu_slice_portable(&mut one[..0]);
+            let mut again = [x];
+            gelu_slice_portable(&mut again);
+            assert_eq!(
+                again[0].to_bits(),
+                all[i].to_bits(),
+                "portable code, element {i}"
+            );
+        }
+    }
 
     #[test]
     fn gelu_new_matches_known_values() {
