@@ -25,11 +25,7 @@ import transformers  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-PRESETS = {
-    "gpt2-tiny": (4, 256, 8, 1024),
-    "gpt2": (12, 768, 12, 1024),
-    "gpt2-medium": (24, 1024, 16, 1024),
-}
+from bench_torch import PRESETS  # noqa: E402  (the same preset shapes; scripts/ is on the path)
 
 
 def main():

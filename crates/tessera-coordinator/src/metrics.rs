@@ -60,31 +60,18 @@ pub fn recorder() -> Option<&'static PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Full(TIME_TO_FIRST_TOKEN.into()), LATENCY_BUCKETS)
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full(TIME_PER_OUTPUT_TOKEN.into()),
-                        LATENCY_BUCKETS,
-                    )
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(Matcher::Full(STEP_DURATION.into()), LATENCY_BUCKETS)
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full(WORKER_STEP_DURATION.into()),
-                        LATENCY_BUCKETS,
-                    )
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full(REQUEST_DURATION.into()),
-                        DURATION_BUCKETS,
-                    )
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(Matcher::Full(STEP_TOKENS.into()), TOKEN_BUCKETS)
+            let buckets: [(&str, &[f64]); 6] = [
+                (TIME_TO_FIRST_TOKEN, LATENCY_BUCKETS),
+                (TIME_PER_OUTPUT_TOKEN, LATENCY_BUCKETS),
+                (STEP_DURATION, LATENCY_BUCKETS),
+                (WORKER_STEP_DURATION, LATENCY_BUCKETS),
+                (REQUEST_DURATION, DURATION_BUCKETS),
+                (STEP_TOKENS, TOKEN_BUCKETS),
+            ];
+            let builder = buckets
+                .into_iter()
+                .try_fold(PrometheusBuilder::new(), |b, (name, values)| {
+                    b.set_buckets_for_metric(Matcher::Full(name.into()), values)
                 })
                 .ok()?;
             let handle = builder.install_recorder().ok()?;
