@@ -29,7 +29,7 @@ pub struct ClusterArgs {
     /// Pipeline stages: at most the number of layers.
     #[arg(long)]
     pub pp: Option<usize>,
-    /// Tokens per KV-cache block.
+    /// Tokens per KV-cache block (default 16).
     #[arg(long, value_name = "N")]
     pub kv_block_tokens: Option<usize>,
     /// KV-cache bytes on each worker; the block count follows from it. Default: sized from
@@ -40,18 +40,20 @@ pub struct ClusterArgs {
     /// register) that its workers' weights and KV caches may take together (default 0.5).
     #[arg(long, value_name = "F")]
     pub kv_memory_fraction: Option<f64>,
-    /// Sequences in one step at most.
+    /// Sequences in one step at most (default 64).
     #[arg(long, value_name = "N")]
     pub max_batch_seqs: Option<usize>,
     /// New tokens in one step at most (prompts and decodes together, default 2048); longer
     /// prompts are prefilled in chunks so that running sequences keep decoding.
     #[arg(long, value_name = "N")]
     pub max_batch_tokens: Option<usize>,
-    /// Requests waiting for the batch at most; beyond it they get RESOURCE_EXHAUSTED.
+    /// Requests waiting for the batch at most (default 256); beyond it they get
+    /// RESOURCE_EXHAUSTED (HTTP 429).
     #[arg(long, value_name = "N")]
     pub max_queued: Option<usize>,
     /// Address of the OpenAI-compatible HTTP API (POST /v1/completions, GET /v1/models,
-    /// /health, /metrics).
+    /// /health, /metrics). `serve` listens on 127.0.0.1:8000 unless told otherwise;
+    /// `coordinator` only when given.
     #[arg(long, value_name = "HOST:PORT")]
     pub http_listen: Option<String>,
     /// Milliseconds a worker may go without answering a health check before it is
