@@ -26,7 +26,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Start a whole cluster on this machine: a coordinator and one worker process per
-    /// shard (TP=2 over a small synthetic GPT-2 by default), serving gRPC and the OpenAI-compatible HTTP API until Ctrl-C.
+    /// shard (TP=2 over a small synthetic GPT-2 by default), serving gRPC and the
+    /// OpenAI-compatible HTTP API until Ctrl-C.
     Serve(serve::ServeArgs),
     /// Run the coordinator of a multi-node cluster: the public API and the scheduler.
     Coordinator(coordinator_cmd::CoordinatorArgs),
