@@ -198,7 +198,7 @@ async fn dropped_streams_free_their_kv_blocks_within_a_step() {
     drop(streams);
     drop(body);
     let took = wait_idle(&serve.http, Duration::from_secs(2)).await;
-    assert!(took < Duration::from_millis(500), "freed after {took:?}");
+    assert!(took < Duration::from_millis(1000), "freed after {took:?}");
     assert_eq!(cancelled(&metrics().await) - before, 5.0);
 
     // A unary HTTP request whose client hangs up.
@@ -212,7 +212,7 @@ async fn dropped_streams_free_their_kv_blocks_within_a_step() {
         .await;
     assert!(gone.is_err(), "the client gave up first");
     let took = wait_idle(&serve.http, Duration::from_secs(2)).await;
-    assert!(took < Duration::from_millis(500), "freed after {took:?}");
+    assert!(took < Duration::from_millis(1000), "freed after {took:?}");
     assert_eq!(cancelled(&metrics().await) - before, 6.0);
 
     // The cluster serves on.
@@ -246,7 +246,7 @@ async fn a_full_queue_is_refused_at_once() {
     let e = c.generate(long_request(3)).await.unwrap_err();
     assert_eq!(e.code(), Some(Code::ResourceExhausted), "{e}");
     assert!(
-        start.elapsed() < Duration::from_millis(500),
+        start.elapsed() < Duration::from_millis(1000),
         "refused at once"
     );
     let resp = reqwest::Client::new()

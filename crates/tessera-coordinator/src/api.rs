@@ -269,7 +269,7 @@ pub fn validate(
 fn grpc_deadline<T>(req: &Request<T>) -> Option<Instant> {
     let value = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let timeout = parse_grpc_timeout(value)?;
-    let margin = (timeout / 20).min(Duration::from_millis(20));
+    let margin = (timeout / 10).min(Duration::from_millis(50));
     Some(Instant::now() + timeout - margin)
 }
 
@@ -301,10 +301,26 @@ impl Generation for GenerationService {
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
         let mut params = self.validate(request.get_ref())?;
-        params.deadline = grpc_deadline(&request);
+        let deadline = grpc_deadline(&request);
+        params.deadline = deadline;
         let mut events = self.scheduler()?.submit(params)?;
         let mut out = GenerateResponse::default();
-        while let Some(msg) = events.recv().await {
+        // The scheduler ends a request between steps; the answer must not wait for a step
+        // that ends past the deadline (dropping `events` cancels the sequence).
+        let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        let until = tokio::time::Instant::from_std(deadline.unwrap_or(far));
+        loop {
+            let msg = match tokio::time::timeout_at(until, events.recv()).await {
+                Ok(Some(msg)) => msg,
+                Ok(None) => break,
+                Err(_) => {
+                    return Err(CoordinatorError::DeadlineExceeded(format!(
+                        "deadline: the request's deadline passed after {} new tokens",
+                        out.token_ids.len()
+                    ))
+                    .into())
+                }
+            };
             let m = msg?;
             out.token_ids.extend(m.token_ids);
             out.logprobs.extend(m.logprobs);

@@ -385,21 +385,21 @@ fn usage(m: &GenerateStreamResponse) -> Value {
     })
 }
 
-/// Appends one message's tokens to `lp`; `offset` is the length of the text so far.
+/// Appends one message's tokens to `lp`. `offset` counts the characters of every token
+/// string so far (OpenAI's `text_offset` is in characters of the concatenated tokens).
 fn add_logprobs(
     api: &GenerationService,
     lp: &mut Logprobs,
     m: &GenerateStreamResponse,
-    offset: usize,
+    offset: &mut usize,
 ) {
-    let mut at = offset;
     for (&id, &p) in m.token_ids.iter().zip(&m.logprobs) {
         let bytes = api.tokenizer().decode_bytes(&[id]).unwrap_or_default();
         let token = String::from_utf8_lossy(&bytes).into_owned();
         let mut top = serde_json::Map::new();
         top.insert(token.clone(), json!(p));
-        lp.text_offset.push(at);
-        at += token.len();
+        lp.text_offset.push(*offset);
+        *offset += token.chars().count();
         lp.tokens.push(token);
         lp.token_logprobs.push(p);
         lp.top_logprobs.push(top);
@@ -427,10 +427,11 @@ async fn completions(
     let mut events = events;
     let mut text = String::new();
     let mut lp = Logprobs::default();
+    let mut offset = 0;
     while let Some(msg) = events.recv().await {
         let m = msg.map_err(|s| ApiError::from(CoordinatorError::from_status(&s)))?;
         if want_logprobs {
-            add_logprobs(&api, &mut lp, &m, text.len());
+            add_logprobs(&api, &mut lp, &m, &mut offset);
         }
         text.push_str(&m.text);
         if let Some(reason) = finish_reason(m.finish_reason) {
@@ -455,7 +456,7 @@ fn sse_events(
     want_logprobs: bool,
     include_usage: bool,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
-    let mut sent = 0usize;
+    let mut offset = 0usize;
     let mut done = false;
     UnboundedReceiverStream::new(events)
         .map(move |msg| {
@@ -469,9 +470,8 @@ fn sse_events(
                 Ok(m) => {
                     let mut lp = Logprobs::default();
                     if want_logprobs {
-                        add_logprobs(&api, &mut lp, &m, sent);
+                        add_logprobs(&api, &mut lp, &m, &mut offset);
                     }
-                    sent += m.text.len();
                     let reason = finish_reason(m.finish_reason);
                     let choice = json!([{
                         "index": 0,

@@ -167,6 +167,8 @@ struct Sequence {
     seen: BTreeSet<u32>,
     /// Counted in the submission queue (never admitted yet).
     queued: bool,
+    /// Preempted at least once.
+    preempted: bool,
     last_token_at: Option<Instant>,
 }
 
@@ -241,6 +243,8 @@ pub struct Scheduler {
     timing: StepTiming,
     /// A moving average of recent steps' wall time.
     recent_step: Duration,
+    /// Sequences preempted so far.
+    preemptions: u64,
 }
 
 impl Scheduler {
@@ -287,6 +291,7 @@ impl Scheduler {
             step_id: first_step_id,
             timing: StepTiming::default(),
             recent_step: Duration::ZERO,
+            preemptions: 0,
         };
         s.publish();
         (s, handle)
@@ -312,6 +317,7 @@ impl Scheduler {
             let state = self.state.borrow().clone();
             if let Some(e) = state.refusal() {
                 self.fail_all(&e);
+                self.publish();
                 if state == ClusterState::Stopping {
                     break;
                 }
@@ -327,6 +333,8 @@ impl Scheduler {
             self.step(plan).await;
             self.publish();
         }
+        // No submission may slip in after the last drain.
+        self.rx.close();
         let e = CoordinatorError::Cancelled("the server is shutting down".into());
         self.fail_all(&e);
         self.publish();
@@ -352,6 +360,7 @@ impl Scheduler {
             blocks: Vec::new(),
             seen,
             queued: true,
+            preempted: false,
             last_token_at: None,
         });
     }
@@ -416,6 +425,7 @@ impl Scheduler {
     fn schedule(&mut self) -> Vec<Planned> {
         let mut budget = self.limits.max_tokens;
         let mut plan = Vec::new();
+        let preempted_before = self.preemptions;
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let seq = &self.running[i];
@@ -434,14 +444,23 @@ impl Scheduler {
             budget -= n;
             i += 1;
         }
-        // Admissions only once every running sequence has its place: first come, first
-        // served, and a preempted sequence (at the head) comes back before anything newer.
-        if i == self.running.len() {
+        // Admissions only once every running sequence has its place, and not in a step
+        // that had to preempt (the cache is full: admitting now would only preempt again).
+        // First come, first served: a preempted sequence, at the head, comes back first.
+        if i == self.running.len() && self.preemptions == preempted_before {
             while budget > 0 && self.running.len() < self.limits.max_seqs {
                 let Some(front) = self.waiting.front() else {
                     break;
                 };
                 let n = front.pending().min(budget);
+                // A sequence that was preempted comes back only when its whole record and
+                // its next token fit, or it would be preempted again at once.
+                if front.preempted
+                    && self.blocks.total() - self.blocks.used()
+                        < self.blocks.blocks_for(front.len() + 1)
+                {
+                    break;
+                }
                 let Some(blocks) = self.blocks.allocate(self.blocks.blocks_for(n)) else {
                     break;
                 };
@@ -489,8 +508,10 @@ impl Scheduler {
             "KV cache full; sequence preempted"
         );
         counter!(m::PREEMPTIONS).increment(1);
+        self.preemptions += 1;
         self.blocks.release(std::mem::take(&mut seq.blocks));
         seq.cached = 0;
+        seq.preempted = true;
         self.waiting.push_front(seq);
     }
 
@@ -703,6 +724,7 @@ impl Scheduler {
         while let Ok(sub) = self.rx.try_recv() {
             let _ = sub.events.send(Err(e.clone().into()));
             self.queued.fetch_sub(1, Ordering::SeqCst);
+            counter!(m::REQUESTS_REJECTED, "reason" => "unavailable").increment(1);
         }
     }
 }
@@ -762,7 +784,15 @@ mod tests {
             s.enqueue(sub);
         }
         s.drop_gone();
+        let was_running: Vec<u64> = s.running.iter().map(|q| q.id).collect();
+        let preempted = s.preemptions;
         let plan = s.schedule();
+        if s.preemptions > preempted {
+            assert!(
+                plan.iter().all(|p| was_running.contains(&p.seq_id)),
+                "a step that preempts admits nothing"
+            );
+        }
         let step = s.build_step(&plan);
         for (p, seq) in plan.iter().zip(&step.seqs) {
             assert_eq!(seq.tokens.len(), p.tokens);
@@ -882,6 +912,31 @@ mod tests {
     }
 
     #[test]
+    fn a_sequence_preempted_for_lack_of_blocks_is_not_readmitted_in_the_same_step() {
+        // 3 blocks of 4 slots, 5 tokens a step. B, the newest, preempts itself to grow; the
+        // block it frees would take the 4-token chunk left in the budget at once, and the
+        // next step would preempt it again.
+        let (mut s, h) = scheduler(3, 4, limits(8, 5));
+        let _a = h.submit(params(4, 8)).unwrap();
+        let _b = h.submit(params(4, 8)).unwrap();
+        assert_eq!(turn(&mut s, 7), vec![(0, 4, true), (1, 1, false)]);
+        assert_eq!(turn(&mut s, 7), vec![(0, 1, true), (1, 3, true)]);
+        assert_eq!(
+            turn(&mut s, 7),
+            vec![(0, 1, true)],
+            "B preempted itself and waits"
+        );
+        assert_eq!(s.waiting.len(), 1);
+        let mut steps = 0;
+        while !s.running.is_empty() || !s.waiting.is_empty() {
+            turn(&mut s, 7);
+            steps += 1;
+            assert!(steps < 64, "no livelock");
+        }
+        assert_eq!(s.preemptions, 1, "B waited for A instead of thrashing");
+    }
+
+    #[test]
     fn submission_refuses_a_full_queue_and_a_request_that_can_never_fit() {
         let (s, h) = scheduler(
             4,
@@ -907,7 +962,7 @@ mod tests {
         let (mut s, h) = scheduler(64, 4, limits(8, 64));
         let a = h.submit(params(5, 20)).unwrap();
         let mut late = params(5, 20);
-        late.deadline = Some(Instant::now() + Duration::from_millis(30));
+        late.deadline = Some(Instant::now() + Duration::from_secs(3600));
         let mut b = h.submit(late).unwrap();
         let mut c = h.submit(params(5, 20)).unwrap();
         turn(&mut s, 7);
@@ -915,7 +970,7 @@ mod tests {
         drop(a);
         turn(&mut s, 7);
         assert_eq!(s.running.len(), 2, "the dropped stream's sequence is gone");
-        std::thread::sleep(Duration::from_millis(40));
+        s.running[0].params.deadline = Some(Instant::now());
         turn(&mut s, 7);
         assert_eq!(s.running.len(), 1);
         let (_, err) = drain(&mut b);

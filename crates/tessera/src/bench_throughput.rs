@@ -101,7 +101,8 @@ pub fn bench_throughput(args: ThroughputArgs) -> Result<()> {
             ..Default::default()
         };
         // Warm-up: connections, caches, the workers' first steps.
-        one_request(&mut client, request(usize::MAX / 2, 0), args.tokens).await?;
+        let warm_up = args.concurrency.iter().max().copied().unwrap_or(1);
+        one_request(&mut client, request(warm_up, 0), args.tokens).await?;
         if !args.json {
             println!(
                 "{} (tp={} pp={}): {} prompt tokens, {} new tokens, {} requests per client",
