@@ -454,10 +454,13 @@ impl Scheduler {
                 };
                 let n = front.pending().min(budget);
                 // A sequence that was preempted comes back only when its whole record and
-                // its next token fit, or it would be preempted again at once.
+                // its next token fit, or it would be preempted again at once. (Its last
+                // token is never cached, so this never exceeds what `submit` checked fits
+                // the empty cache.)
+                let p = &front.params;
+                let whole = (front.len() + 1).min(p.prompt_ids.len() + p.max_new - 1);
                 if front.preempted
-                    && self.blocks.total() - self.blocks.used()
-                        < self.blocks.blocks_for(front.len() + 1)
+                    && self.blocks.total() - self.blocks.used() < self.blocks.blocks_for(whole)
                 {
                     break;
                 }
@@ -934,6 +937,30 @@ mod tests {
             assert!(steps < 64, "no livelock");
         }
         assert_eq!(s.preemptions, 1, "B waited for A instead of thrashing");
+    }
+
+    #[test]
+    fn a_preempted_sequence_as_large_as_the_cache_still_returns() {
+        // 2 blocks of 4 slots, 4 tokens a step. B (older) and A's first chunk share the
+        // cache; A's growth preempts A; A needs the whole cache (5 + 4 - 1 = 8 slots) and
+        // gets it back once B is done.
+        let (mut s, h) = scheduler(2, 4, limits(8, 4));
+        let mut b = h.submit(params(2, 3)).unwrap();
+        let mut a = h.submit(params(5, 4)).unwrap();
+        assert_eq!(turn(&mut s, 7), vec![(0, 2, true), (1, 2, false)]);
+        assert_eq!(turn(&mut s, 7), vec![(0, 1, true)], "A preempted itself");
+        let mut steps = 0;
+        while !s.running.is_empty() || !s.waiting.is_empty() {
+            turn(&mut s, 7);
+            steps += 1;
+            assert!(steps < 64, "no livelock");
+        }
+        let (ids, err) = drain(&mut a);
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(ids.len(), 4);
+        assert_eq!(drain(&mut b).0.len(), 3);
+        assert_eq!(s.preemptions, 1);
+        assert_eq!(s.blocks.used(), 0);
     }
 
     #[test]
