@@ -315,7 +315,8 @@ pub fn listening_ports(pid: u32) -> Vec<u16> {
     ports
 }
 
-/// The sum of every series of metric `name` at `GET {http}/metrics`.
+/// The sum of every series of metric `name` at `GET {http}/metrics`; `name` may carry a
+/// full label set (`name{reason="cancelled"}`) to pick one series.
 pub async fn metric(http: &str, name: &str) -> f64 {
     let text = reqwest::get(format!("{http}/metrics"))
         .await

@@ -12,7 +12,7 @@ use cluster_common::{metric, wait_idle, wait_serving, Serve};
 use common::fixture;
 use futures::StreamExt;
 use tessera_client::proto::generation_client::GenerationClient;
-use tessera_client::{Client, Code, FinishReason, GenerateRequest};
+use tessera_client::{Code, FinishReason, GenerateRequest};
 use tessera_model::Tokenizer;
 
 /// A long request on the default preset (gpt2-tiny): far more tokens than any test waits
@@ -180,26 +180,13 @@ async fn dropped_streams_free_their_kv_blocks_within_a_step() {
     let mut body = resp.bytes_stream();
     body.next().await.unwrap().unwrap();
     assert!(metric(&serve.http, "tessera_kv_blocks_used").await > 0.0);
-    let cancelled = |text: &str| {
-        text.lines()
-            .filter(|l| l.starts_with("tessera_requests_finished_total{reason=\"cancelled\"}"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
-    };
-    let metrics = || async {
-        reqwest::get(format!("{}/metrics", serve.http))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
-    let before = cancelled(&metrics().await);
+    const CANCELLED: &str = "tessera_requests_finished_total{reason=\"cancelled\"}";
+    let before = metric(&serve.http, CANCELLED).await;
     drop(streams);
     drop(body);
     let took = wait_idle(&serve.http, Duration::from_secs(2)).await;
     assert!(took < Duration::from_millis(1000), "freed after {took:?}");
-    assert_eq!(cancelled(&metrics().await) - before, 5.0);
+    assert_eq!(metric(&serve.http, CANCELLED).await - before, 5.0);
 
     // A unary HTTP request whose client hangs up.
     let gone = reqwest::Client::new()
@@ -213,7 +200,7 @@ async fn dropped_streams_free_their_kv_blocks_within_a_step() {
     assert!(gone.is_err(), "the client gave up first");
     let took = wait_idle(&serve.http, Duration::from_secs(2)).await;
     assert!(took < Duration::from_millis(1000), "freed after {took:?}");
-    assert_eq!(cancelled(&metrics().await) - before, 6.0);
+    assert_eq!(metric(&serve.http, CANCELLED).await - before, 6.0);
 
     // The cluster serves on.
     let mut c = client.clone();
@@ -273,5 +260,4 @@ async fn a_full_queue_is_refused_at_once() {
     drop(queued);
     drop(running);
     wait_idle(&serve.http, Duration::from_secs(2)).await;
-    let _ = Client::clone(&client);
 }

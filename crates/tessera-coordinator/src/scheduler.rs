@@ -581,7 +581,7 @@ impl Scheduler {
         self.timing.steps += 1;
         self.timing.wall += reply.wall;
         self.recent_step = (self.recent_step * 3 + reply.wall) / 4;
-        self.timing.compute += reply.max_compute;
+        self.timing.compute += reply.max_compute();
         let tokens: usize = plan.iter().map(|p| p.tokens).sum();
         counter!(m::STEPS).increment(1);
         histogram!(m::STEP_DURATION).record(reply.wall.as_secs_f64());
@@ -595,7 +595,7 @@ impl Scheduler {
             seqs = plan.len(),
             tokens,
             wall_us = reply.wall.as_micros() as u64,
-            compute_us = reply.max_compute.as_micros() as u64,
+            compute_us = reply.max_compute().as_micros() as u64,
             "step"
         );
         self.finish_step(&plan, reply.results);

@@ -105,12 +105,17 @@ pub struct ShardedClient {
 pub struct StepReply {
     /// The sampled tokens, from the worker that reports them.
     pub results: Vec<pb::SeqResult>,
-    /// The longest compute time any worker reported.
-    pub max_compute: Duration,
     /// Each worker's compute time, in plan order.
     pub compute: Vec<Duration>,
     /// Wall time of the whole fan-out.
     pub wall: Duration,
+}
+
+impl StepReply {
+    /// The longest compute time any worker reported.
+    pub fn max_compute(&self) -> Duration {
+        self.compute.iter().copied().max().unwrap_or_default()
+    }
 }
 
 /// A failed step: the message names the worker to blame, and `invalid` tells a request
@@ -165,7 +170,6 @@ impl ShardedClient {
         let wall = start.elapsed();
         let mut reply = StepReply {
             results: Vec::new(),
-            max_compute: Duration::ZERO,
             compute: Vec::with_capacity(self.workers.len()),
             wall,
         };
@@ -175,9 +179,7 @@ impl ShardedClient {
             match r {
                 Ok(r) => {
                     let r = r.into_inner();
-                    let compute = Duration::from_micros(r.compute_us);
-                    reply.max_compute = reply.max_compute.max(compute);
-                    reply.compute.push(compute);
+                    reply.compute.push(Duration::from_micros(r.compute_us));
                     if r.reports {
                         reported = true;
                         reply.results = r.results;

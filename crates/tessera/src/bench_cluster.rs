@@ -5,8 +5,6 @@
 //! collectives, and the token's way back. Compared with `tessera run` (the same forward
 //! pass in one process) on the same model, the difference is the cluster's overhead.
 
-use std::time::Instant;
-
 use anyhow::{bail, Result};
 use clap::Args;
 use serde::Serialize;
@@ -64,20 +62,8 @@ pub fn bench_cluster(args: ClusterArgs) -> Result<()> {
                 ignore_eos: true,
                 ..Default::default()
             };
-            let mut stream = client.generate_stream(req).await?;
-            let mut first = None;
-            let mut last = Instant::now();
-            let mut n = 0u32;
-            while let Some(m) = stream.message().await? {
-                last = Instant::now();
-                n += m.token_ids.len() as u32;
-                first.get_or_insert(last);
-            }
-            if n != args.tokens {
-                bail!("asked for {} tokens, got {n}", args.tokens);
-            }
-            let first = first.expect("at least one token");
-            per_token_ms.push((last - first).as_secs_f64() * 1e3 / (n - 1) as f64);
+            let seen = crate::bench_throughput::one_request(&mut client, req, args.tokens).await?;
+            per_token_ms.push(seen.tpot.as_secs_f64() * 1e3);
         }
         // The first round warms caches and connections.
         per_token_ms.remove(0);

@@ -54,12 +54,13 @@ struct Point {
 }
 
 /// What one request saw: time to its first token and mean time per later token.
-struct Seen {
-    ttft: Duration,
-    tpot: Duration,
+pub struct Seen {
+    pub ttft: Duration,
+    pub tpot: Duration,
 }
 
-async fn one_request(client: &mut Client, req: GenerateRequest, tokens: u32) -> Result<Seen> {
+/// Streams one request that must give exactly `tokens` tokens, timed at the client.
+pub async fn one_request(client: &mut Client, req: GenerateRequest, tokens: u32) -> Result<Seen> {
     let start = Instant::now();
     let mut stream = client.generate_stream(req).await?;
     let mut first = None;

@@ -282,7 +282,7 @@ pub fn linear(x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>, out: &mut [
 /// Instruction set the kernels run with, ordered from least to most capable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only x86-64 has SIMD kernels
-enum SimdLevel {
+pub(super) enum SimdLevel {
     Scalar,
     /// AVX2 + FMA, 8 lanes.
     Avx2,
@@ -292,7 +292,7 @@ enum SimdLevel {
 
 impl SimdLevel {
     /// The best level this CPU supports, detected once per process.
-    fn detected() -> SimdLevel {
+    pub(super) fn detected() -> SimdLevel {
         static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
         *LEVEL.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]

@@ -48,7 +48,7 @@ fn gelu_slice(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if avx512() {
-            // SAFETY: the CPU has AVX-512 F (checked at run time).
+            // SAFETY: the CPU has AVX-512 F (and BW), detected at run time.
             unsafe { gelu_slice_avx512(x) };
             return;
         }
@@ -56,10 +56,10 @@ fn gelu_slice(x: &mut [f32]) {
     gelu_slice_portable(x);
 }
 
+/// Whether the AVX-512 builds may run: the level the linear kernels detected once.
 #[cfg(target_arch = "x86_64")]
 fn avx512() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
+    super::matmul::SimdLevel::detected() == super::matmul::SimdLevel::Avx512
 }
 
 /// The same loop compiled for AVX-512: the arithmetic is the same IEEE operations in the
@@ -199,7 +199,7 @@ fn attend(head: &HeadView, q: &[f32], pos: usize, scale: f32, k: &[f32], v: &[f3
     #[cfg(target_arch = "x86_64")]
     {
         if avx512() {
-            // SAFETY: the CPU has AVX-512 F (checked at run time).
+            // SAFETY: the CPU has AVX-512 F (and BW), detected at run time.
             unsafe { attend_avx512(head, q, pos, scale, k, v, o) };
             return;
         }
