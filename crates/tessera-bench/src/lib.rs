@@ -1,0 +1,1 @@
+//! Capacity benchmarking: how much a deployment sustains, measured and predicted.
