@@ -1,1 +1,3 @@
 //! Capacity benchmarking: how much a deployment sustains, measured and predicted.
+
+pub mod replay;
