@@ -203,7 +203,11 @@ pub fn replay(cost: &CostModel, limits: &Limits, jobs: &[Job], load: &Load) -> R
     // requests sent and waiting for admission, and the running batch. With a cap, `free`
     // holds the times at which each idle client may send again.
     let capped = cap != usize::MAX;
-    let mut free: Vec<f64> = if capped { vec![0.0; cap.min(jobs.len())] } else { Vec::new() };
+    let mut free: Vec<f64> = if capped {
+        vec![0.0; cap.min(jobs.len())]
+    } else {
+        Vec::new()
+    };
     let mut unsent: VecDeque<usize> = (0..jobs.len()).collect();
     let mut waiting: VecDeque<(usize, f64)> = VecDeque::new();
     let mut running: Vec<Running> = Vec::new();
@@ -218,10 +222,7 @@ pub fn replay(cost: &CostModel, limits: &Limits, jobs: &[Job], load: &Load) -> R
         if !capped {
             return Some((times[j], None));
         }
-        let (slot, at) = free
-            .iter()
-            .enumerate()
-            .min_by(|a, b| a.1.total_cmp(b.1))?;
+        let (slot, at) = free.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1))?;
         Some((times[j].max(*at), Some(slot)))
     };
 
@@ -412,8 +413,19 @@ mod tests {
 
     #[test]
     fn one_client_sees_one_step_per_token() {
-        let jobs = vec![Job { prompt: 8, output: 5 }; 3];
-        let r = replay(&flat_cost(), &limits(), &jobs, &Load::Closed { concurrency: 1 });
+        let jobs = vec![
+            Job {
+                prompt: 8,
+                output: 5
+            };
+            3
+        ];
+        let r = replay(
+            &flat_cost(),
+            &limits(),
+            &jobs,
+            &Load::Closed { concurrency: 1 },
+        );
         assert_eq!(r.steps, 15);
         for s in &r.seen {
             assert!((s.ttft - 0.010).abs() < 1e-9);
@@ -427,8 +439,19 @@ mod tests {
 
     #[test]
     fn concurrent_clients_share_steps() {
-        let jobs = vec![Job { prompt: 8, output: 5 }; 8];
-        let r = replay(&flat_cost(), &limits(), &jobs, &Load::Closed { concurrency: 4 });
+        let jobs = vec![
+            Job {
+                prompt: 8,
+                output: 5
+            };
+            8
+        ];
+        let r = replay(
+            &flat_cost(),
+            &limits(),
+            &jobs,
+            &Load::Closed { concurrency: 4 },
+        );
         // Two waves of four sequences, five steps each.
         assert_eq!(r.steps, 10);
         assert!((r.duration - 0.100 - CLIENT_TURNAROUND).abs() < 1e-9);
@@ -440,7 +463,10 @@ mod tests {
             max_batch_tokens: 16,
             ..limits()
         };
-        let jobs = vec![Job { prompt: 40, output: 2 }];
+        let jobs = vec![Job {
+            prompt: 40,
+            output: 2,
+        }];
         let r = replay(&flat_cost(), &l, &jobs, &Load::Closed { concurrency: 1 });
         // Chunks of 16, 16, 8, then one decode.
         assert_eq!(r.steps, 4);
@@ -454,10 +480,22 @@ mod tests {
             ..limits()
         };
         let jobs = vec![
-            Job { prompt: 8, output: 5 },
-            Job { prompt: 8, output: 5 },
-            Job { prompt: 8, output: 5 },
-            Job { prompt: 40, output: 5 },
+            Job {
+                prompt: 8,
+                output: 5,
+            },
+            Job {
+                prompt: 8,
+                output: 5,
+            },
+            Job {
+                prompt: 8,
+                output: 5,
+            },
+            Job {
+                prompt: 40,
+                output: 5,
+            },
         ];
         let r = replay(&flat_cost(), &l, &jobs, &Load::Closed { concurrency: 4 });
         assert_eq!(r.rejected, 1);
@@ -478,7 +516,13 @@ mod tests {
             gaps.iter().map(|g| (g - m).powi(2)).sum::<f64>() / gaps.len() as f64
         };
         assert!(var(&bursty) > 2.0 * var(&t));
-        let jobs = vec![Job { prompt: 4, output: 2 }; 10];
+        let jobs = vec![
+            Job {
+                prompt: 4,
+                output: 2
+            };
+            10
+        ];
         let load = Load::Open {
             rate: 1.0,
             burstiness: 1.0,
