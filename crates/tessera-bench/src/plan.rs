@@ -60,6 +60,8 @@ pub struct SchedulerSettings {
     pub max_batch_tokens: usize,
     /// `--max-batch-seqs`.
     pub max_batch_seqs: usize,
+    /// `--kv-block-tokens`.
+    pub kv_block_tokens: usize,
 }
 
 impl Default for SchedulerSettings {
@@ -67,6 +69,7 @@ impl Default for SchedulerSettings {
         SchedulerSettings {
             max_batch_tokens: 2048,
             max_batch_seqs: 64,
+            kv_block_tokens: 16,
         }
     }
 }
@@ -185,10 +188,14 @@ pub fn split_model(
             gpus_per_node: cluster.gpus_per_node,
         },
     );
+    // Whole blocks, and never more than a full batch of full-context sequences can use
+    // (the coordinator sizes its cache the same way).
+    let block = sched.kv_block_tokens.max(1) as u64;
+    let useful = (sched.max_batch_seqs * config.n_positions.div_ceil(block as usize)) as u64;
     let limits = Limits {
         max_batch_tokens: sched.max_batch_tokens,
         max_batch_seqs: sched.max_batch_seqs,
-        kv_tokens: cost.kv_token_capacity(),
+        kv_tokens: (cost.kv_token_capacity() / block).min(useful) * block,
     };
     (cost, limits)
 }

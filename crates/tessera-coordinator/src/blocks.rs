@@ -22,26 +22,53 @@ pub struct KvSizing {
     pub why: String,
 }
 
-/// Bytes of one KV block on each worker of the plan: K and V, f32, for each of the shard's
-/// layers and heads.
-fn block_bytes(config: &ModelConfig, plan: &ShardPlan, block_tokens: usize) -> Vec<u64> {
+/// Bytes of one KV-cache element on workers of `backend`: f32 on the CPU, bf16 on GPUs
+/// (and on the simulated GPUs of `sim`).
+pub fn kv_element_bytes(backend: &str) -> u64 {
+    if backend == "cpu" {
+        4
+    } else {
+        2
+    }
+}
+
+/// The largest KV element of any worker.
+fn largest_element(workers: &[Registered]) -> u64 {
+    workers
+        .iter()
+        .map(|w| kv_element_bytes(&w.backend))
+        .max()
+        .unwrap_or(4)
+}
+
+/// Bytes of one KV block on each worker of the plan: K and V, `element` bytes each, for
+/// each of the shard's layers and heads.
+fn block_bytes(
+    config: &ModelConfig,
+    plan: &ShardPlan,
+    block_tokens: usize,
+    element: u64,
+) -> Vec<u64> {
     plan.shards
         .iter()
         .map(|s| {
-            (2 * s.layers.len() * s.heads.len() * config.head_dim() * block_tokens * 4).max(1)
-                as u64
+            ((2 * s.layers.len() * s.heads.len() * config.head_dim() * block_tokens) as u64
+                * element)
+                .max(1)
         })
         .collect()
 }
 
-/// Blocks that `bytes` of KV cache per worker hold on the worker with the largest blocks.
+/// Blocks that `bytes` of KV cache per worker hold on the worker with the largest blocks,
+/// with KV elements of `element` bytes.
 pub fn kv_blocks_for_bytes(
     config: &ModelConfig,
     plan: &ShardPlan,
     c: &CoordinatorConfig,
     bytes: u64,
+    element: u64,
 ) -> Result<usize, StartError> {
-    let largest = block_bytes(config, plan, c.kv_block_tokens)
+    let largest = block_bytes(config, plan, c.kv_block_tokens, element)
         .into_iter()
         .max()
         .unwrap_or(1);
@@ -68,7 +95,7 @@ pub fn kv_blocks(
     let useful = c.max_batch_seqs * config.n_positions.div_ceil(c.kv_block_tokens);
     let (fit, why) = match c.kv_cache_bytes {
         Some(bytes) => (
-            kv_blocks_for_bytes(config, plan, c, bytes)?,
+            kv_blocks_for_bytes(config, plan, c, bytes, largest_element(workers))?,
             format!("{bytes} bytes per worker (kv_cache_bytes)"),
         ),
         None => by_memory(config, plan, c, workers)?,
@@ -91,7 +118,7 @@ fn by_memory(
     c: &CoordinatorConfig,
     workers: &[Registered],
 ) -> Result<(usize, String), StartError> {
-    let block = block_bytes(config, plan, c.kv_block_tokens);
+    let block = block_bytes(config, plan, c.kv_block_tokens, largest_element(workers));
     let weight_bytes = if c.dtype == "bf16" { 2 } else { 4 };
     // Per machine: (available bytes, weight bytes, block bytes) of its workers.
     let mut machines: BTreeMap<(IpAddr, &str), (u64, u64, u64)> = BTreeMap::new();

@@ -65,8 +65,9 @@ impl Coordinator {
         let model = open_model(&config.model)?;
         let plan = ShardPlan::new(&model.config, config.tp, config.pp)?;
         if let Some(bytes) = config.kv_cache_bytes {
-            // An explicit size that cannot hold a block is an error before any worker comes.
-            crate::blocks::kv_blocks_for_bytes(&model.config, &plan, &config, bytes)?;
+            // An explicit size that cannot hold a block of the smallest elements (bf16) is
+            // an error before any worker comes.
+            crate::blocks::kv_blocks_for_bytes(&model.config, &plan, &config, bytes, 2)?;
         }
         let world = plan.world_size();
         let generation = rand::random::<u64>() | 1;

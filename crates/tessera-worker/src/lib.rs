@@ -10,6 +10,7 @@ mod error;
 mod memory;
 mod service;
 mod shard_thread;
+mod sim;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -24,8 +25,11 @@ use tonic::Code;
 use tracing::{info, warn};
 
 pub use error::WorkerError;
+pub use memory::available_memory_bytes;
+pub use sim::SimDevice;
 
 use service::WorkerService;
+use shard_thread::Device;
 
 /// Largest gRPC message the worker accepts: a step of a large batch with long prompts
 /// and block tables fits many times over.
@@ -49,10 +53,12 @@ pub struct WorkerOptions {
     /// IP address the coordinator and the peers should dial; `None`: the address the
     /// coordinator sees the registration come from.
     pub advertise_host: Option<String>,
-    /// Compute backend; only `cpu` is available.
+    /// Compute backend: `cpu`, or `sim` with [`WorkerOptions::sim`] set.
     pub backend: String,
     /// Kernel threads of the shard (at least 1).
     pub threads: usize,
+    /// The simulated device of the `sim` backend.
+    pub sim: Option<SimDevice>,
     /// How long to keep trying to register, and how long the coordinator may stay
     /// silent (no call at all, none in progress) before the worker gives up on it.
     pub coordinator_timeout: Duration,
@@ -67,16 +73,50 @@ impl WorkerOptions {
             advertise_host: None,
             backend: "cpu".into(),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            sim: None,
             coordinator_timeout: DEFAULT_COORDINATOR_TIMEOUT,
         }
     }
 
+    /// What the shard runs on.
+    fn device(&self) -> Device {
+        match &self.sim {
+            Some(sim) => Device::Sim(sim.clone()),
+            None => Device::Cpu {
+                threads: self.threads,
+            },
+        }
+    }
+
     fn check(&self) -> Result<Endpoint, WorkerError> {
-        if self.backend != "cpu" {
-            return Err(WorkerError::InvalidOptions(format!(
-                "backend `{}` is not available in this worker; use --backend cpu",
-                self.backend
-            )));
+        match (self.backend.as_str(), &self.sim) {
+            ("cpu", None) => {}
+            ("sim", Some(sim)) => {
+                sim.hardware
+                    .validate()
+                    .map_err(|e| WorkerError::InvalidOptions(format!("--gpu: {e}")))?;
+                if sim.gpus_per_node == 0 {
+                    return Err(WorkerError::InvalidOptions(
+                        "--gpus-per-node must be at least 1".into(),
+                    ));
+                }
+            }
+            ("sim", None) => {
+                return Err(WorkerError::InvalidOptions(
+                    "the sim backend needs a device profile: --gpu a100-80g|h100-sxm|h200".into(),
+                ))
+            }
+            ("cpu", Some(_)) => {
+                return Err(WorkerError::InvalidOptions(
+                    "--gpu is only for --backend sim".into(),
+                ))
+            }
+            (other, _) => {
+                return Err(WorkerError::InvalidOptions(format!(
+                    "backend `{other}` is not available in this worker; use --backend cpu \
+                     (or sim, to simulate a GPU)"
+                )))
+            }
         }
         if self.threads == 0 {
             return Err(WorkerError::InvalidOptions(
@@ -127,7 +167,7 @@ pub async fn run_worker(
     info!("worker serving on {addr}");
 
     let (generation_tx, generation_rx) = watch::channel(None);
-    let service = WorkerService::new(generation_rx, addr.ip(), opts.threads);
+    let service = WorkerService::new(generation_rx, addr.ip(), opts.device());
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let mut server = tokio::spawn(
         Server::builder()
@@ -228,8 +268,15 @@ async fn register(
         advertise_host: opts.advertise_host.clone().unwrap_or_default(),
         backend: opts.backend.clone(),
         threads: opts.threads.min(u32::MAX as usize) as u32,
-        hostname: hostname(),
-        memory_available_bytes: memory::available_memory_bytes().unwrap_or(0),
+        // A simulated device is a machine of its own, with the profile's memory.
+        hostname: match &opts.sim {
+            Some(_) => format!("{}/sim-{}", hostname(), std::process::id()),
+            None => hostname(),
+        },
+        memory_available_bytes: match &opts.sim {
+            Some(sim) => sim.hardware.memory_bytes,
+            None => memory::available_memory_bytes().unwrap_or(0),
+        },
     };
     let started = Instant::now();
     let deadline = started + opts.coordinator_timeout;

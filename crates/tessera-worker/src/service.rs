@@ -31,7 +31,7 @@ use crate::collectives::{self, Listeners, Peers};
 use crate::convert;
 use crate::error::WorkerError;
 use crate::memory;
-use crate::shard_thread::{LoadSpec, ShardThread, WeightsSpec};
+use crate::shard_thread::{Device, LoadSpec, ShardThread, WeightsSpec};
 
 /// Most tokens a KV block may hold; far above any useful block.
 const MAX_BLOCK_TOKENS: u32 = 1 << 16;
@@ -186,8 +186,8 @@ struct Inner {
     machine: Mutex<Machine>,
     /// The gRPC listener's IP; the collective listeners bind on it too.
     bind_ip: IpAddr,
-    /// Kernel threads of the shard's backend.
-    threads: usize,
+    /// What the shard runs on.
+    device: Device,
 }
 
 impl WorkerService {
@@ -195,7 +195,7 @@ impl WorkerService {
     pub(crate) fn new(
         generation: watch::Receiver<Option<u64>>,
         bind_ip: IpAddr,
-        threads: usize,
+        device: Device,
     ) -> Self {
         WorkerService {
             inner: Arc::new(Inner {
@@ -206,7 +206,7 @@ impl WorkerService {
                     state: State::Idle,
                 }),
                 bind_ip,
-                threads,
+                device,
             }),
         }
     }
@@ -254,7 +254,7 @@ impl WorkerService {
         if !matches!(m.state, State::Idle) {
             return Err(m.wrong_state("Assign"));
         }
-        let assignment = validate_assignment(&req, self.inner.threads)?;
+        let assignment = validate_assignment(&req, &self.inner.device)?;
         let spec = &assignment.load.spec;
         let listeners = Listeners::bind(self.inner.bind_ip, spec.stage, assignment.pp)?;
         let response = pb::AssignResponse {
@@ -478,7 +478,10 @@ impl WorkerService {
 }
 
 /// Checks an `Assign` request field by field; the error names the first bad one.
-fn validate_assignment(req: &pb::AssignRequest, threads: usize) -> Result<Assignment, WorkerError> {
+fn validate_assignment(
+    req: &pb::AssignRequest,
+    device: &Device,
+) -> Result<Assignment, WorkerError> {
     let model = req
         .model
         .as_ref()
@@ -543,7 +546,10 @@ fn validate_assignment(req: &pb::AssignRequest, threads: usize) -> Result<Assign
         kv_blocks: req.kv_blocks as usize,
         block_size: req.kv_block_tokens as usize,
     };
-    memory::check_fits(&config, &plan, &spec, &options)?;
+    // A simulated shard allocates nothing here; it checks its device's memory at load.
+    if matches!(device, Device::Cpu { .. }) {
+        memory::check_fits(&config, &plan, &spec, &options)?;
+    }
     let max_step_tokens = options.kv_blocks.saturating_mul(options.block_size);
     Ok(Assignment {
         load: LoadSpec {
@@ -551,7 +557,9 @@ fn validate_assignment(req: &pb::AssignRequest, threads: usize) -> Result<Assign
             spec,
             weights,
             options,
-            threads,
+            tp,
+            pp,
+            device: device.clone(),
         },
         tp,
         pp,

@@ -1,6 +1,6 @@
 //! The shard thread: one OS thread that loads the shard and then owns it, running steps
-//! in the order they arrive. Load and every step run inside `backend.run`, so the CPU
-//! kernels use this shard's own thread pool.
+//! in the order they arrive. On the CPU, load and every step run inside `backend.run`, so
+//! the kernels use this shard's own thread pool; a `sim` shard only takes its time.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tessera_model::{
-    check_source, Checkpoint, ModelConfig, ShardSpec, SyntheticWeights, WeightSource,
+    check_source, Checkpoint, ModelConfig, ShardPlan, ShardSpec, SyntheticWeights, WeightSource,
 };
 use tessera_runtime::{
     Backend, CpuBackend, Shard, ShardComms, ShardOptions, StepOutput, StepRequest,
@@ -17,6 +17,8 @@ use tessera_runtime::{
 use tokio::sync::oneshot;
 
 use crate::error::WorkerError;
+use crate::memory::kv_spec;
+use crate::sim::{SimDevice, SimShard};
 
 /// Where the weights come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,12 +36,50 @@ pub struct LoadSpec {
     pub config: ModelConfig,
     /// This worker's place in the plan.
     pub spec: ShardSpec,
+    /// Tensor-parallel degree of the plan.
+    pub tp: usize,
+    /// Pipeline stages of the plan.
+    pub pp: usize,
     /// Where the weights come from.
     pub weights: WeightsSpec,
     /// Storage dtype and KV cache size.
     pub options: ShardOptions,
-    /// Kernel threads of the CPU backend.
-    pub threads: usize,
+    /// What the shard runs on.
+    pub device: Device,
+}
+
+/// What a shard runs on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Device {
+    /// The CPU backend with this many kernel threads.
+    Cpu {
+        /// Kernel threads.
+        threads: usize,
+    },
+    /// No arithmetic: each step takes the time predicted on a device profile.
+    Sim(SimDevice),
+}
+
+/// A loaded shard, on whatever it runs.
+enum Runner {
+    Cpu(CpuBackend, Box<Shard<CpuBackend>>),
+    Sim(Box<SimShard>),
+}
+
+impl Runner {
+    fn weight_bytes(&self) -> usize {
+        match self {
+            Runner::Cpu(_, shard) => shard.weight_bytes(),
+            Runner::Sim(shard) => shard.weight_bytes(),
+        }
+    }
+
+    fn step(&mut self, req: &StepRequest) -> Result<Option<StepOutput>, WorkerError> {
+        match self {
+            Runner::Cpu(backend, shard) => backend.run(|| shard.step(req)).map_err(Into::into),
+            Runner::Sim(shard) => shard.step(req),
+        }
+    }
 }
 
 /// What a finished load reports.
@@ -84,7 +124,7 @@ impl ShardThread {
         let thread = std::thread::Builder::new()
             .name(name)
             .spawn(move || {
-                let (backend, mut shard) = match caught(|| load_shard(&load, comms)) {
+                let mut shard = match caught(|| load_shard(&load, comms)) {
                     Ok(loaded) => loaded,
                     Err(e) => {
                         let _ = ready.send(Err(e));
@@ -96,8 +136,7 @@ impl ShardThread {
                 }));
                 while let Ok(job) = inbox.recv() {
                     let start = Instant::now();
-                    let result =
-                        caught(|| backend.run(|| shard.step(&job.req)).map_err(Into::into));
+                    let result = caught(|| shard.step(&job.req));
                     // A panic may have left the KV cache or a collective half-written.
                     let broken = matches!(&result, Err(WorkerError::ShardFailed(_)));
                     let _ = job.reply.send(result.map(|out| (out, start.elapsed())));
@@ -156,12 +195,24 @@ fn caught<T>(f: impl FnOnce() -> Result<T, WorkerError>) -> Result<T, WorkerErro
     })
 }
 
-fn load_shard(
-    load: &LoadSpec,
-    comms: ShardComms,
-) -> Result<(CpuBackend, Shard<CpuBackend>), WorkerError> {
+fn load_shard(load: &LoadSpec, comms: ShardComms) -> Result<Runner, WorkerError> {
+    let threads = match &load.device {
+        Device::Cpu { threads } => *threads,
+        Device::Sim(device) => {
+            let plan = ShardPlan::new(&load.config, load.tp, load.pp)?;
+            let kv = kv_spec(&load.config, &load.spec, &load.options);
+            return Ok(Runner::Sim(Box::new(SimShard::new(
+                &load.config,
+                &plan,
+                &load.spec,
+                kv,
+                device,
+                comms,
+            )?)));
+        }
+    };
     let source = open_weights(&load.weights, &load.config)?;
-    let backend = CpuBackend::new(load.threads)?;
+    let backend = CpuBackend::new(threads)?;
     let shard = backend.run(|| {
         Shard::load(
             backend.clone(),
@@ -172,7 +223,7 @@ fn load_shard(
             comms,
         )
     })?;
-    Ok((backend, shard))
+    Ok(Runner::Cpu(backend, Box::new(shard)))
 }
 
 /// Opens the weights; a checkpoint must describe the assigned model and hold every

@@ -5,8 +5,10 @@ mod bench_cluster;
 mod bench_throughput;
 mod cluster_args;
 mod coordinator_cmd;
+mod cpu_profile;
 mod generate_cmd;
 mod model_cmd;
+mod plan_cmd;
 mod run;
 mod serve;
 mod signals;
@@ -43,6 +45,9 @@ enum Command {
     /// Benchmarks: batch-1 decode against the memory-bandwidth floor, and through a cluster.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Capacity planning: for every TP × PP split of a model on given devices, the memory,
+    /// the predicted latencies and throughput, and the recommended split.
+    Plan(plan_cmd::PlanArgs),
 }
 
 fn main() {
@@ -76,6 +81,7 @@ fn main() {
         Command::Run(args) => run::run(args),
         Command::Model(cmd) => model_cmd::model(cmd),
         Command::Bench(cmd) => bench::bench(cmd),
+        Command::Plan(args) => plan_cmd::plan_cmd(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

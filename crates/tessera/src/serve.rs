@@ -30,6 +30,17 @@ pub struct ServeArgs {
     /// Kernel threads in all, split evenly over the workers (default: every core).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Backend of the workers: `cpu`, or `sim` to simulate a GPU cluster on this machine
+    /// (no arithmetic: each step takes the time `tessera plan` predicts on `--gpu`; weights
+    /// and KV cache are bf16 and sized from the profile's memory; tokens are placeholders).
+    #[arg(long, value_name = "BACKEND", default_value = "cpu")]
+    pub backend: String,
+    /// Device profile of `--backend sim`: a100-80g, h100-sxm or h200.
+    #[arg(long, value_name = "PROFILE", default_value = "h100-sxm")]
+    pub gpu: String,
+    /// Simulated devices per node (`--backend sim`); workers fill one node after another.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub gpus_per_node: usize,
 }
 
 /// The config `serve` runs: TP=2 over the default preset unless told otherwise.
@@ -39,6 +50,16 @@ pub fn config(args: &ServeArgs) -> Result<CoordinatorConfig> {
         seed: 0,
     });
     c.tp = 2;
+    match args.backend.as_str() {
+        "cpu" => {}
+        "sim" => {
+            // What a GPU deployment runs: bf16 weights, the profile's share of memory.
+            let hw = tessera_model::Hardware::gpu(&args.gpu)?;
+            c.dtype = "bf16".into();
+            c.kv_memory_fraction = hw.memory_fraction;
+        }
+        other => bail!("--backend: `{other}` is not cpu or sim"),
+    }
     args.cluster.apply(&mut c)?;
     c.listen = args.listen.clone();
     if c.http_listen.is_none() {
@@ -55,7 +76,7 @@ struct Workers {
 }
 
 impl Workers {
-    fn spawn(n: usize, coordinator: &str, threads: usize) -> Result<Workers> {
+    fn spawn(n: usize, coordinator: &str, threads: usize, device: &[String]) -> Result<Workers> {
         let exe = std::env::current_exe().context("cannot find the tessera executable")?;
         let mut workers = Workers {
             children: Vec::with_capacity(n),
@@ -65,6 +86,7 @@ impl Workers {
             cmd.args(["worker", "--coordinator", coordinator])
                 .args(["--listen", "127.0.0.1:0"])
                 .args(["--threads", &threads.to_string()])
+                .args(device)
                 .stdin(Stdio::null());
             #[cfg(target_os = "linux")]
             {
@@ -151,7 +173,18 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     } else {
         addr.to_string()
     };
-    let mut workers = Workers::spawn(world, &dial, per_worker)?;
+    let device: Vec<String> = match args.backend.as_str() {
+        "sim" => vec![
+            "--backend".into(),
+            "sim".into(),
+            "--gpu".into(),
+            args.gpu.clone(),
+            "--gpus-per-node".into(),
+            args.gpus_per_node.to_string(),
+        ],
+        _ => Vec::new(),
+    };
+    let mut workers = Workers::spawn(world, &dial, per_worker, &device)?;
     let stop = coordinator.stopper();
     let mut state = coordinator.state();
 
@@ -176,8 +209,13 @@ pub fn serve(args: ServeArgs) -> Result<()> {
                 _ = &mut shutdown => bail!("interrupted during start-up"),
             }
         }
+        let on = if args.backend == "sim" {
+            format!(", simulated on {} × {}", world, args.gpu)
+        } else {
+            String::new()
+        };
         println!(
-            "Tessera is serving {} (tp={} pp={}, {} worker processes) on {dial}",
+            "Tessera is serving {} (tp={} pp={}, {} worker processes{on}) on {dial}",
             describe(&config.model),
             config.tp,
             config.pp,

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tessera_worker::{run_worker, WorkerOptions};
+use tessera_model::Hardware;
+use tessera_worker::{run_worker, SimDevice, WorkerOptions};
 
 /// Flags of `tessera worker`.
 #[derive(Debug, Clone, Args)]
@@ -22,9 +23,17 @@ pub struct WorkerArgs {
     /// (default: the address the coordinator sees the registration come from).
     #[arg(long, value_name = "IP")]
     pub advertise_host: Option<std::net::IpAddr>,
-    /// Compute backend of the shard; only `cpu` is available in this build.
+    /// Compute backend of the shard: `cpu`, or `sim` (no arithmetic: each step takes the
+    /// time the cost model predicts on the `--gpu` profile).
     #[arg(long, value_name = "BACKEND", default_value = "cpu")]
     pub backend: String,
+    /// Device profile simulated by `--backend sim`: a100-80g, h100-sxm or h200.
+    #[arg(long, value_name = "PROFILE")]
+    pub gpu: Option<String>,
+    /// Simulated devices per node (`--backend sim`): links between workers of different
+    /// nodes are charged at network speed.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub gpus_per_node: usize,
     /// Kernel threads of the shard (default: every core of this machine).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
@@ -37,10 +46,18 @@ pub struct WorkerArgs {
 /// Runs the worker until Ctrl-C or SIGTERM, or until it loses its coordinator.
 pub fn worker(args: WorkerArgs) -> Result<()> {
     let defaults = WorkerOptions::new(args.coordinator.clone());
+    let sim = match &args.gpu {
+        Some(name) => Some(SimDevice {
+            hardware: Hardware::gpu(name)?,
+            gpus_per_node: args.gpus_per_node,
+        }),
+        None => None,
+    };
     let opts = WorkerOptions {
         listen: args.listen,
         advertise_host: args.advertise_host.map(|ip| ip.to_string()),
         backend: args.backend,
+        sim,
         threads: args.threads.unwrap_or(defaults.threads),
         coordinator_timeout: Duration::from_secs(args.coordinator_timeout),
         ..defaults
