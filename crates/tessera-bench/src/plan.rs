@@ -482,11 +482,11 @@ pub fn compare(cost: &CostModel, limits: &Limits, run: &MeasuredRun) -> Comparis
 /// FLOPs). Each is found by bisection with the other held, alternating until both settle.
 pub fn calibrate(cost: &mut CostModel, limits: &Limits, run: &MeasuredRun) -> Efficiency {
     let mut e = cost.hardware().efficiency;
-    // Efficiencies are searched on a log scale between 0.1 % and 100 % of the peak.
+    // Efficiencies are searched on a log scale between 10⁻⁶ and all of the peak.
     fn solve(mut f: impl FnMut(f64) -> f64, target: f64) -> f64 {
         // f decreases as the efficiency grows.
-        let (mut lo, mut hi) = (-3.0f64, 0.0f64);
-        for _ in 0..40 {
+        let (mut lo, mut hi) = (-6.0f64, 0.0f64);
+        for _ in 0..48 {
             let mid = 0.5 * (lo + hi);
             if f(10f64.powf(mid)) > target {
                 lo = mid;
