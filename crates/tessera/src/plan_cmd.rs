@@ -161,7 +161,7 @@ fn hardware(args: &PlanArgs, gpus_per_node: usize) -> Result<Hardware> {
         None if args.gpu == "cpu" => {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             let threads = args.threads.unwrap_or((cores / gpus_per_node).max(1));
-            eprintln!("measuring the cpu profile: {gpus_per_node} workers of {threads} threads…");
+            eprintln!("measuring the cpu profile: {gpus_per_node} worker(s) of {threads} thread(s)…");
             crate::cpu_profile::measure(gpus_per_node, threads, args.dtype)?
         }
         None => Hardware::gpu(&args.gpu)?,
@@ -360,8 +360,8 @@ fn print_plan(report: &PlanReport, all: bool) {
     let hw = &report.cluster.hardware;
     let devices = report.cluster.nodes * report.cluster.gpus_per_node;
     println!(
-        "{} ({:.2} B parameters) on {} node(s) × {} {} ({:.0} GB, {:.0} GB/s, {:.1} TFLOP/s; \
-         efficiency: bandwidth {:.2}, compute {:.2})",
+        "{} ({:.2} B parameters) on {} node(s) × {} {} ({:.0} GB, {:.0} GB/s, {:.1} GFLOP/s; \
+         efficiency: bandwidth {:.3}, compute {:.3})",
         report.model,
         report.params as f64 / 1e9,
         report.cluster.nodes,
@@ -369,7 +369,7 @@ fn print_plan(report: &PlanReport, all: bool) {
         hw.name,
         hw.memory_bytes as f64 / 1e9,
         hw.memory_bandwidth / 1e9,
-        hw.matrix_flops / 1e12,
+        hw.matrix_flops / 1e9,
         hw.efficiency.bandwidth,
         hw.efficiency.compute,
     );
