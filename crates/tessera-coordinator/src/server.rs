@@ -151,6 +151,12 @@ impl Coordinator {
                     let stopped = async move {
                         let _ = rx.wait_for(|s| *s).await;
                     };
+                    // Without TCP_NODELAY each streamed event after the first waits for
+                    // the client's delayed ACK (up to 40 ms on Linux), which bunches
+                    // tokens and adds that much to the time to first token.
+                    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    });
                     if let Err(e) = axum::serve(listener, app)
                         .with_graceful_shutdown(stopped)
                         .await

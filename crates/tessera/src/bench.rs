@@ -1,4 +1,6 @@
-//! `tessera bench decode`: batch-1 decode throughput against the memory-bandwidth floor.
+//! `tessera bench`: the serving load generator (`bench_serve.rs`) or a subcommand;
+//! `tessera bench decode`, here: batch-1 decode throughput against the memory-bandwidth
+//! floor.
 //!
 //! Batch-1 decode reads every weight once per token, so its ceiling is
 //! `read bandwidth ÷ weight bytes per token`. The bandwidth is measured here, with the
@@ -17,6 +19,16 @@ use tessera_runtime::{
 };
 
 use crate::source::{init_threads, ModelArgs};
+
+/// `tessera bench`: the serving load generator, or one of the older benchmarks.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    command: Option<BenchCommand>,
+    #[command(flatten)]
+    serve: crate::bench_serve::ServeBenchArgs,
+}
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -179,7 +191,10 @@ fn torch(args: &DecodeArgs, python: &PathBuf, threads: usize) -> Result<Vec<Deco
         .collect())
 }
 
-pub fn bench(cmd: BenchCommand) -> Result<()> {
+pub fn bench(args: BenchArgs) -> Result<()> {
+    let Some(cmd) = args.command else {
+        return crate::bench_serve::bench_serve(args.serve);
+    };
     match cmd {
         BenchCommand::Cluster(args) => crate::bench_cluster::bench_cluster(args),
         BenchCommand::Throughput(args) => crate::bench_throughput::bench_throughput(args),

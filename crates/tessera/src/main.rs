@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_cluster;
+mod bench_serve;
 mod bench_throughput;
 mod cluster_args;
 mod coordinator_cmd;
@@ -42,9 +43,10 @@ enum Command {
     /// Inspect a model (sizes, memory per worker) or write a synthetic checkpoint.
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
-    /// Benchmarks: batch-1 decode against the memory-bandwidth floor, and through a cluster.
-    #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    /// Benchmarks. Without a subcommand: load a server (Tessera gRPC or OpenAI-compatible)
+    /// with a workload and report vLLM's serving metrics (TTFT, TPOT, ITL, throughput,
+    /// goodput). Subcommands: batch-1 decode, and decode and throughput through a cluster.
+    Bench(bench::BenchArgs),
     /// Capacity planning: for every TP × PP split of a model on given devices, the memory,
     /// the predicted latencies and throughput, and the recommended split.
     Plan(plan_cmd::PlanArgs),
@@ -80,7 +82,7 @@ fn main() {
         Command::Generate(args) => generate_cmd::generate(args),
         Command::Run(args) => run::run(args),
         Command::Model(cmd) => model_cmd::model(cmd),
-        Command::Bench(cmd) => bench::bench(cmd),
+        Command::Bench(args) => bench::bench(args),
         Command::Plan(args) => plan_cmd::plan_cmd(args),
     };
     if let Err(e) = result {
