@@ -411,8 +411,7 @@ mod tests {
         assert!(close(m.itl.median_ms, 100.0));
         // E2ELs 300 and 500 ms.
         assert!(close(m.e2el.median_ms, 400.0));
-        // In flight at 0.75: the second (0.5–1.0), and the failures at 0.7 (to 2.7)…
-        // the 429s at 0.6 and 0.8 last 10 ms each: peak 3 at 0.8.
+        // At 0.8 in flight: the second (0.5–1.0), the timeout (0.7–2.7) and the last 429.
         assert_eq!(m.max_concurrent_requests, 3);
     }
 

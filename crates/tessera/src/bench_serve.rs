@@ -151,7 +151,7 @@ fn points(args: &ServeBenchArgs) -> Result<(Vec<Point>, Sweep)> {
     if rates.is_empty() {
         bail!("--request-rate needs a value: requests/s or inf");
     }
-    if let Some(0) = args.max_concurrency.iter().copied().find(|&c| c == 0) {
+    if args.max_concurrency.contains(&0) {
         bail!("--max-concurrency must be at least 1");
     }
     let concs = &args.max_concurrency;
