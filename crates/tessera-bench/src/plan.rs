@@ -344,6 +344,9 @@ fn assess(
 /// What the planner needs of one `tessera bench` run (its `--result-json`, vLLM's keys).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct MeasuredRun {
+    /// The model served (its name as the server reports it).
+    #[serde(default)]
+    pub model_id: Option<String>,
     /// TP of the measured deployment, when the bench could read it.
     #[serde(default)]
     pub tp: Option<usize>,
@@ -516,6 +519,50 @@ pub fn calibrate(cost: &mut CostModel, limits: &Limits, run: &MeasuredRun) -> Ef
     e
 }
 
+/// Fits the fixed costs outside the workers — per step and per sequence in a step — to
+/// measured runs, by least squares on what the replay leaves unexplained of each run's
+/// median TPOT: `measured − predicted without overheads = step + seq · concurrency`.
+/// Meant for runs whose device time is small or well known, such as a `sim` cluster of a
+/// small model: the residual is then the coordinator's own time.
+pub fn calibrate_overhead(
+    cost: &mut CostModel,
+    limits: &Limits,
+    runs: &[MeasuredRun],
+) -> Efficiency {
+    let e = cost.hardware().efficiency;
+    cost.set_efficiency(Efficiency {
+        step_overhead: 0.0,
+        seq_overhead: 0.0,
+        ..e
+    });
+    let points: Vec<(f64, f64)> = runs
+        .iter()
+        .map(|run| {
+            let batch = match run.load() {
+                Load::Closed { concurrency } => concurrency,
+                Load::Open { concurrency, .. } => concurrency.unwrap_or(1),
+            } as f64;
+            let predicted = replay_run(cost, limits, run).median_tpot() * 1e3;
+            (batch, (run.median_tpot_ms - predicted) * 1e-3)
+        })
+        .collect();
+    let n = points.len() as f64;
+    let (mx, my) = (
+        points.iter().map(|p| p.0).sum::<f64>() / n,
+        points.iter().map(|p| p.1).sum::<f64>() / n,
+    );
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let seq = if sxx > 0.0 { (sxy / sxx).max(0.0) } else { 0.0 };
+    let fitted = Efficiency {
+        step_overhead: (my - seq * mx).max(0.0),
+        seq_overhead: seq,
+        ..e
+    };
+    cost.set_efficiency(fitted);
+    fitted
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -608,6 +655,7 @@ mod tests {
         };
         truth.set_efficiency(real);
         let mut run = MeasuredRun {
+            model_id: None,
             tp: Some(2),
             pp: Some(1),
             completed: 32,

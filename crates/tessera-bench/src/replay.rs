@@ -393,11 +393,13 @@ mod tests {
             activation_bytes: 4,
             kv_bytes: 4,
             memory_fraction: 1.0,
+            overlap: 1.0,
             efficiency: Efficiency {
                 bandwidth: 1.0,
                 compute: 1.0,
                 layer_overhead: 0.0,
                 step_overhead: 0.010,
+                seq_overhead: 0.0,
             },
         };
         CostModel::new(&config, &plan, &hw, Topology { gpus_per_node: 1 })

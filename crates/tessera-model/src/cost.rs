@@ -6,9 +6,10 @@
 //! sum of the stages plus the activations sent between them plus the coordinator's
 //! own time per step.
 //!
-//! Each matrix product is charged the larger of its weight and activation traffic against
-//! memory bandwidth and its FLOPs against the matrix peak (a roofline per GEMM); attention
-//! is charged its KV reads and its FLOPs the same way; each all-reduce follows the α–β
+//! Each matrix product is charged its weight and activation traffic against memory
+//! bandwidth and its FLOPs against the matrix peak, the larger of the two on a GPU (a
+//! roofline per GEMM) and their sum on a CPU core ([`Hardware::overlap`]); attention is
+//! charged its KV reads and its FLOPs the same way; each all-reduce follows the α–β
 //! model of a ring, `2(p−1)·α + 2(p−1)/p · bytes/β`. Achieved fractions of the peaks and
 //! the fixed costs are the hardware's [`Efficiency`], which `tessera plan --calibrate`
 //! fits to a measured run. The planner (`tessera-bench`) and the `sim` workers, which sleep
@@ -63,8 +64,12 @@ pub struct Efficiency {
     pub compute: f64,
     /// Seconds of fixed cost per layer and step (kernel launches, thread hand-offs).
     pub layer_overhead: f64,
-    /// Seconds per step outside the workers: scheduling, the step's RPCs, streaming.
+    /// Seconds per step outside the workers: scheduling, the step's RPCs.
     pub step_overhead: f64,
+    /// Seconds per sequence and step outside the workers: its part of the step request,
+    /// detokenising and streaming its token.
+    #[serde(default)]
+    pub seq_overhead: f64,
 }
 
 /// One device a worker runs on, with the links between devices.
@@ -90,12 +95,21 @@ pub struct Hardware {
     pub kv_bytes: u32,
     /// Fraction of the device memory given to weights and KV cache.
     pub memory_fraction: f64,
+    /// How far memory traffic and arithmetic overlap: 1 charges an operation the larger
+    /// of the two (a roofline: GPUs hide loads behind many warps), 0 their sum (a CPU core
+    /// issues its loads and FMAs from one instruction stream).
+    #[serde(default = "full_overlap")]
+    pub overlap: f64,
     /// Achieved fractions and fixed costs.
     pub efficiency: Efficiency,
 }
 
 /// Names of the built-in GPU profiles.
 pub const GPU_PROFILES: [&str; 3] = ["a100-80g", "h100-sxm", "h200"];
+
+fn full_overlap() -> f64 {
+    1.0
+}
 
 const GB: f64 = 1e9;
 const GIB: u64 = 1 << 30;
@@ -163,11 +177,13 @@ impl Hardware {
             activation_bytes: 2,
             kv_bytes: 2,
             memory_fraction: 0.9,
+            overlap: 1.0,
             efficiency: Efficiency {
                 bandwidth: 0.85,
                 compute: 0.7,
                 layer_overhead: 10e-6,
                 step_overhead: 0.5e-3,
+                seq_overhead: 10e-6,
             },
         })
     }
@@ -193,11 +209,12 @@ impl Hardware {
                 });
             }
         }
-        let non_negative: [(&'static str, f64); 4] = [
+        let non_negative: [(&'static str, f64); 5] = [
             ("intra_node.latency", self.intra_node.latency),
             ("inter_node.latency", self.inter_node.latency),
             ("efficiency.layer_overhead", self.efficiency.layer_overhead),
             ("efficiency.step_overhead", self.efficiency.step_overhead),
+            ("efficiency.seq_overhead", self.efficiency.seq_overhead),
         ];
         for (field, v) in non_negative {
             if !(v.is_finite() && v >= 0.0) {
@@ -207,6 +224,13 @@ impl Hardware {
                     reason: "must be a number ≥ 0".into(),
                 });
             }
+        }
+        if !(0.0..=1.0).contains(&self.overlap) {
+            return Err(ModelError::InvalidConfig {
+                field: "overlap",
+                value: self.overlap.to_string(),
+                reason: "must be in [0, 1]".into(),
+            });
         }
         for (field, v) in [
             ("efficiency.bandwidth", self.efficiency.bandwidth),
@@ -247,11 +271,17 @@ impl Hardware {
         flops / (self.matrix_flops * self.efficiency.compute)
     }
 
-    /// Roofline time of a `[m, k] × [k, n]` product with weights of `k × n`.
+    /// Time of an operation that moves `bytes` and does `flops`, by the overlap.
+    fn op(&self, bytes: f64, flops: f64) -> f64 {
+        let (read, compute) = (self.read(bytes), self.compute(flops));
+        read.max(compute) + (1.0 - self.overlap) * read.min(compute)
+    }
+
+    /// Time of a `[m, k] × [k, n]` product with weights of `k × n`.
     fn gemm(&self, m: f64, k: f64, n: f64) -> f64 {
         let bytes =
             k * n * f64::from(self.weight_bytes) + m * (k + n) * f64::from(self.activation_bytes);
-        self.read(bytes).max(self.compute(2.0 * m * k * n))
+        self.op(bytes, 2.0 * m * k * n)
     }
 }
 
@@ -388,7 +418,7 @@ impl CostModel {
             // QKᵀ and PV, two FLOPs per multiply-add.
             attention_flops += 4.0 * width * (new * past + new * (new + 1.0) / 2.0);
         }
-        let attention = hw.read(kv_bytes).max(hw.compute(attention_flops));
+        let attention = hw.op(kv_bytes, attention_flops);
         let elementwise = hw.read(t * (14.0 * d + 3.0 * ffn) * act);
         let reduce = 2.0 * link.all_reduce(tp, row_bytes);
         let layer = gemms + attention + elementwise + reduce + hw.efficiency.layer_overhead;
@@ -428,7 +458,8 @@ impl CostModel {
         StepCost {
             stages: (0..pp).map(|s| self.stage_time(s, batch)).collect(),
             transfers: (0..pp - 1).map(|s| self.transfer_time(s, batch)).collect(),
-            overhead: self.hardware.efficiency.step_overhead,
+            overhead: self.hardware.efficiency.step_overhead
+                + self.hardware.efficiency.seq_overhead * batch.len() as f64,
         }
     }
 

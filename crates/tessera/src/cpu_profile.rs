@@ -48,11 +48,14 @@ pub fn measure(workers: usize, threads: usize, dtype: WeightDtype) -> Result<Har
         kv_bytes: 4,
         // The coordinator's default `--kv-memory-fraction`.
         memory_fraction: 0.5,
+        // One instruction stream issues both the loads and the FMAs.
+        overlap: 0.0,
         efficiency: Efficiency {
             bandwidth: 1.0,
             compute: 1.0,
             layer_overhead: 20e-6,
             step_overhead: 0.5e-3,
+            seq_overhead: 10e-6,
         },
     })
 }

@@ -6,8 +6,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 use tessera_bench::plan::{
-    calibrate, compare, plan, read_runs, split_model, Cluster, Comparison, MeasuredRun, PlanReport,
-    SchedulerSettings, Slo, SplitReport, Workload,
+    calibrate, calibrate_overhead, compare, plan, read_runs, split_model, Cluster, Comparison,
+    MeasuredRun, PlanReport, SchedulerSettings, Slo, SplitReport, Workload,
 };
 use tessera_model::{Efficiency, Hardware, ModelConfig, ShardPlan};
 use tessera_runtime::WeightDtype;
@@ -102,6 +102,11 @@ pub struct PlanArgs {
     /// run's split is read from the file, or from `--tp`/`--pp`.
     #[arg(long, value_name = "RESULT.json")]
     calibrate: Option<PathBuf>,
+    /// Fit the costs outside the workers (per step, and per sequence in a step) to the
+    /// median TPOTs of a `tessera bench` sweep, before any `--calibrate`: best measured on
+    /// a `--backend sim` cluster of a small model, whose device time is negligible.
+    #[arg(long, value_name = "RESULT.json")]
+    calibrate_overhead: Option<PathBuf>,
     /// Which run of the calibration file to fit (0-based).
     #[arg(long, value_name = "K", default_value_t = 0)]
     calibrate_run: usize,
@@ -161,7 +166,9 @@ fn hardware(args: &PlanArgs, gpus_per_node: usize) -> Result<Hardware> {
         None if args.gpu == "cpu" => {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             let threads = args.threads.unwrap_or((cores / gpus_per_node).max(1));
-            eprintln!("measuring the cpu profile: {gpus_per_node} worker(s) of {threads} thread(s)…");
+            eprintln!(
+                "measuring the cpu profile: {gpus_per_node} worker(s) of {threads} thread(s)…"
+            );
             crate::cpu_profile::measure(gpus_per_node, threads, args.dtype)?
         }
         None => Hardware::gpu(&args.gpu)?,
@@ -253,6 +260,34 @@ pub fn plan_cmd(args: PlanArgs) -> Result<()> {
     };
 
     let mut calibrated = None;
+    if let Some(path) = &args.calibrate_overhead {
+        let runs = read_file_runs(path)?;
+        let first = runs
+            .first()
+            .with_context(|| format!("{} holds no run", path.display()))?;
+        let (tp, pp) = run_split(&args, first, "--calibrate-overhead")?;
+        // The runs may be of another model than the one planned (a small one on `sim`).
+        let measured = match &first.model_id {
+            Some(name) => ModelConfig::preset(name).unwrap_or_else(|_| config.clone()),
+            None => config.clone(),
+        };
+        let split = ShardPlan::new(&measured, tp, pp)?;
+        let (mut cost, limits) = split_model(&measured, &cluster, &split, &sched);
+        let e = calibrate_overhead(&mut cost, &limits, &runs);
+        cluster.hardware.efficiency = e;
+        calibrated = Some(e);
+        if !args.json {
+            println!(
+                "overheads fitted on {} ({} runs of {}): {:.3} ms per step + {:.4} ms per \
+                 sequence",
+                path.display(),
+                runs.len(),
+                measured.name,
+                e.step_overhead * 1e3,
+                e.seq_overhead * 1e3
+            );
+        }
+    }
     if let Some(path) = &args.calibrate {
         let runs = read_file_runs(path)?;
         let run = runs.get(args.calibrate_run).with_context(|| {
