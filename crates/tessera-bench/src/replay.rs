@@ -133,6 +133,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// scheduler; a step that starts at the same moment runs without it.
 const CLIENT_TURNAROUND: f64 = 100e-6;
 
+/// Seconds between the first requests of a closed loop's clients.
+const CLIENT_STAGGER: f64 = 20e-6;
+
 struct Running {
     job: usize,
     arrival: f64,
@@ -180,7 +183,14 @@ pub fn arrivals(n: usize, rate: f64, burstiness: f64, seed: u64) -> Vec<f64> {
 /// Replays `jobs` under `load` through the scheduler with `limits` on `cost`.
 pub fn replay(cost: &CostModel, limits: &Limits, jobs: &[Job], load: &Load) -> Replay {
     let (times, cap) = match *load {
-        Load::Closed { concurrency } => (vec![0.0; jobs.len()], concurrency.max(1)),
+        // The clients of a closed loop start one after another, as a load generator's
+        // tasks do: the first request reaches an idle scheduler alone.
+        Load::Closed { concurrency } => (
+            (0..jobs.len())
+                .map(|i| i.min(concurrency) as f64 * CLIENT_STAGGER)
+                .collect(),
+            concurrency.max(1),
+        ),
         Load::Open {
             rate,
             burstiness,
@@ -454,9 +464,10 @@ mod tests {
             &jobs,
             &Load::Closed { concurrency: 4 },
         );
-        // Two waves of four sequences, five steps each.
-        assert_eq!(r.steps, 10);
-        assert!((r.duration - 0.100 - CLIENT_TURNAROUND).abs() < 1e-9);
+        // In each wave one request starts alone (its client was first) and the other
+        // three join it a step later: two waves of six steps, back to back.
+        assert_eq!(r.steps, 12);
+        assert!((r.duration - 0.120).abs() < 1e-6, "{}", r.duration);
     }
 
     #[test]
