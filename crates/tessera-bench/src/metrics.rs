@@ -96,7 +96,7 @@ pub fn check_percentiles(percentiles: &[f64]) -> Result<(), BenchError> {
 
 /// Service-level objectives, in milliseconds; a request meets them when it meets every
 /// one given. They are judged per request for goodput and on the p99 for capacity.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Slo {
     /// Time to first token.
     pub ttft_ms: Option<f64>,

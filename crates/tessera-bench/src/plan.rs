@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 use tessera_model::{CostModel, Efficiency, Hardware, ModelConfig, ShardPlan, Topology};
 
+pub use crate::metrics::Slo;
 use crate::replay::{replay, Job, Limits, Load, Replay};
 
 /// Where the model runs: the device profile and how many of them.
@@ -28,29 +29,11 @@ pub struct Workload {
     pub output_len: usize,
 }
 
-/// Latency targets, milliseconds; `None` is no target.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
-pub struct Slo {
-    /// Time to first token.
-    pub ttft_ms: Option<f64>,
-    /// Time per output token.
-    pub tpot_ms: Option<f64>,
-    /// End-to-end latency.
-    pub e2el_ms: Option<f64>,
-}
-
-impl Slo {
-    /// Whether a prediction meets every target.
-    pub fn met(&self, p: &Prediction) -> bool {
-        self.ttft_ms.is_none_or(|t| p.ttft_ms <= t)
-            && self.tpot_ms.is_none_or(|t| p.tpot_ms <= t)
-            && self.e2el_ms.is_none_or(|t| p.e2e_ms <= t)
-    }
-
-    /// Whether any target is set.
-    pub fn any(&self) -> bool {
-        self.ttft_ms.is_some() || self.tpot_ms.is_some() || self.e2el_ms.is_some()
-    }
+/// Whether a prediction meets every latency target.
+fn meets(slo: &Slo, p: &Prediction) -> bool {
+    slo.ttft_ms.is_none_or(|t| p.ttft_ms <= t)
+        && slo.tpot_ms.is_none_or(|t| p.tpot_ms <= t)
+        && slo.e2el_ms.is_none_or(|t| p.e2e_ms <= t)
 }
 
 /// The scheduler settings the deployment runs with.
@@ -335,7 +318,7 @@ fn assess(
     report.best = report
         .points
         .iter()
-        .filter(|p| slo.met(p))
+        .filter(|p| meets(slo, p))
         .max_by(|a, b| a.output_throughput.total_cmp(&b.output_throughput))
         .copied();
     report

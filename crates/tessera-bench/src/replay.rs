@@ -124,9 +124,7 @@ fn median(mut v: Vec<f64>) -> f64 {
         return f64::NAN;
     }
     v.sort_by(f64::total_cmp);
-    let mid = (v.len() - 1) as f64 / 2.0;
-    let (lo, hi) = (mid.floor() as usize, mid.ceil() as usize);
-    v[lo] + (v[hi] - v[lo]) * (mid - lo as f64)
+    crate::metrics::percentile(&v, 50.0)
 }
 
 /// Seconds from a client receiving its last token to its next request reaching the

@@ -125,28 +125,6 @@ pub struct PlanArgs {
     json: bool,
 }
 
-/// Parses `ttft:500,tpot:50,e2el:10000`.
-fn parse_slo(s: &str) -> Result<Slo> {
-    let mut slo = Slo::default();
-    for part in s.split(',').filter(|p| !p.is_empty()) {
-        let (name, value) = part
-            .split_once(':')
-            .with_context(|| format!("--slo: `{part}` is not NAME:MILLISECONDS"))?;
-        let ms: f64 = value
-            .parse()
-            .ok()
-            .filter(|v: &f64| v.is_finite() && *v > 0.0)
-            .with_context(|| format!("--slo: `{value}` is not a positive number of ms"))?;
-        match name {
-            "ttft" => slo.ttft_ms = Some(ms),
-            "tpot" => slo.tpot_ms = Some(ms),
-            "e2el" => slo.e2el_ms = Some(ms),
-            other => bail!("--slo: `{other}` is not one of ttft, tpot, e2el"),
-        }
-    }
-    Ok(slo)
-}
-
 fn model_config(args: &PlanArgs) -> Result<ModelConfig> {
     Ok(match &args.model {
         Some(dir) => ModelConfig::from_hf_dir(dir)
@@ -245,7 +223,7 @@ pub fn plan_cmd(args: PlanArgs) -> Result<()> {
     let slo = args
         .slo
         .as_deref()
-        .map(parse_slo)
+        .map(Slo::parse)
         .transpose()?
         .unwrap_or_default();
     let sched = SchedulerSettings {
