@@ -189,7 +189,8 @@ fn latency_panel<DB: DrawingBackend>(
 ) -> Result<(), String> {
     let xs: Vec<f64> = points.iter().map(|p| p.metrics.output_throughput).collect();
     let sums: Vec<(f64, f64)> = points.iter().map(|p| metric.summary(p)).collect();
-    let x_max = xs.iter().copied().fold(0.0, f64::max).max(1e-3) * 1.15;
+    // Room on the right for the last point's label.
+    let x_max = xs.iter().copied().fold(0.0, f64::max).max(1e-3) * 1.3;
     let y_max = sums
         .iter()
         .map(|s| s.1.max(s.0))
