@@ -47,16 +47,6 @@ pub struct SchedulerSettings {
     pub kv_block_tokens: usize,
 }
 
-impl Default for SchedulerSettings {
-    fn default() -> Self {
-        SchedulerSettings {
-            max_batch_tokens: 2048,
-            max_batch_seqs: 64,
-            kv_block_tokens: 16,
-        }
-    }
-}
-
 /// What a closed loop of `batch` clients is predicted to see.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Prediction {
@@ -550,6 +540,15 @@ pub fn calibrate_overhead(
 mod tests {
     use super::*;
 
+    /// The coordinator's defaults.
+    fn defaults() -> SchedulerSettings {
+        SchedulerSettings {
+            max_batch_tokens: 2048,
+            max_batch_seqs: 64,
+            kv_block_tokens: 16,
+        }
+    }
+
     fn cluster(gpu: &str, nodes: usize) -> Cluster {
         Cluster {
             hardware: Hardware::gpu(gpu).unwrap(),
@@ -568,7 +567,7 @@ mod tests {
     #[test]
     fn gpt3_175b_needs_eight_a100s_and_the_plan_says_so() {
         let config = ModelConfig::preset("gpt3-175b").unwrap();
-        let sched = SchedulerSettings::default();
+        let sched = defaults();
         let report = plan(
             &config,
             &cluster("a100-80g", 1),
@@ -604,7 +603,7 @@ mod tests {
     #[test]
     fn the_slo_picks_the_batch() {
         let config = ModelConfig::preset("gpt3-13b").unwrap();
-        let sched = SchedulerSettings::default();
+        let sched = defaults();
         let c = cluster("h100-sxm", 1);
         let loose = plan(&config, &c, &w(), &Slo::default(), &sched, 8);
         let tight_slo = Slo {
@@ -630,7 +629,7 @@ mod tests {
         let config = ModelConfig::preset("gpt3-1.3b").unwrap();
         let c = cluster("a100-80g", 1);
         let plan = ShardPlan::new(&config, 2, 1).unwrap();
-        let (mut truth, limits) = split_model(&config, &c, &plan, &SchedulerSettings::default());
+        let (mut truth, limits) = split_model(&config, &c, &plan, &defaults());
         let real = Efficiency {
             bandwidth: 0.42,
             compute: 0.21,
@@ -658,7 +657,7 @@ mod tests {
         run.median_ttft_ms = r.median_ttft() * 1e3;
         run.median_tpot_ms = r.median_tpot() * 1e3;
         run.output_throughput = r.output_throughput();
-        let (mut guess, _) = split_model(&config, &c, &plan, &SchedulerSettings::default());
+        let (mut guess, _) = split_model(&config, &c, &plan, &defaults());
         let e = calibrate(&mut guess, &limits, &run);
         assert!((e.bandwidth - 0.42).abs() < 0.01, "{e:?}");
         assert!((e.compute - 0.21).abs() < 0.01, "{e:?}");

@@ -263,20 +263,21 @@ async fn register(
     endpoint: &Endpoint,
     port: u16,
 ) -> Result<RegisterResponse, WorkerError> {
+    // A simulated device is a machine of its own, with the profile's memory.
+    let (hostname, memory_available_bytes) = match &opts.sim {
+        Some(sim) => (
+            format!("{}/sim-{}", hostname(), std::process::id()),
+            sim.hardware.memory_bytes,
+        ),
+        None => (hostname(), memory::available_memory_bytes().unwrap_or(0)),
+    };
     let request = RegisterRequest {
         port: port.into(),
         advertise_host: opts.advertise_host.clone().unwrap_or_default(),
         backend: opts.backend.clone(),
         threads: opts.threads.min(u32::MAX as usize) as u32,
-        // A simulated device is a machine of its own, with the profile's memory.
-        hostname: match &opts.sim {
-            Some(_) => format!("{}/sim-{}", hostname(), std::process::id()),
-            None => hostname(),
-        },
-        memory_available_bytes: match &opts.sim {
-            Some(sim) => sim.hardware.memory_bytes,
-            None => memory::available_memory_bytes().unwrap_or(0),
-        },
+        hostname,
+        memory_available_bytes,
     };
     let started = Instant::now();
     let deadline = started + opts.coordinator_timeout;

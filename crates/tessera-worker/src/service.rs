@@ -92,9 +92,8 @@ impl Contact {
 /// The shard this worker was assigned, as validated at `Assign`.
 #[derive(Debug, Clone)]
 struct Assignment {
+    /// What the shard thread loads, including the plan's TP and PP.
     load: LoadSpec,
-    tp: usize,
-    pp: usize,
     /// New tokens one step may carry: the KV cache's capacity.
     max_step_tokens: usize,
 }
@@ -256,7 +255,7 @@ impl WorkerService {
         }
         let assignment = validate_assignment(&req, &self.inner.device)?;
         let spec = &assignment.load.spec;
-        let listeners = Listeners::bind(self.inner.bind_ip, spec.stage, assignment.pp)?;
+        let listeners = Listeners::bind(self.inner.bind_ip, spec.stage, assignment.load.pp)?;
         let response = pb::AssignResponse {
             tp_port: listeners.tp_port()?.into(),
             prev_port: listeners.prev_port()?.into(),
@@ -265,8 +264,8 @@ impl WorkerService {
             model = %assignment.load.config.name,
             stage = spec.stage,
             tp_rank = spec.tp_rank,
-            tp = assignment.tp,
-            pp = assignment.pp,
+            tp = assignment.load.tp,
+            pp = assignment.load.pp,
             tp_port = response.tp_port,
             prev_port = response.prev_port,
             "assigned"
@@ -561,8 +560,6 @@ fn validate_assignment(
             pp,
             device: device.clone(),
         },
-        tp,
-        pp,
         max_step_tokens,
     })
 }
@@ -572,7 +569,7 @@ async fn validate_peers(
     req: &pb::OpenCollectivesRequest,
     assigned: &Assignment,
 ) -> Result<Peers, WorkerError> {
-    let (tp, pp, stage) = (assigned.tp, assigned.pp, assigned.load.spec.stage);
+    let (tp, pp, stage) = (assigned.load.tp, assigned.load.pp, assigned.load.spec.stage);
     if req.tp_peers.len() != tp {
         return Err(WorkerError::invalid(
             "tp_peers",

@@ -46,8 +46,7 @@ pub fn measure(workers: usize, threads: usize, dtype: WeightDtype) -> Result<Har
         weight_bytes: dtype.size_bytes() as u32,
         activation_bytes: 4,
         kv_bytes: 4,
-        // The coordinator's default `--kv-memory-fraction`.
-        memory_fraction: 0.5,
+        memory_fraction: tessera_coordinator::config::defaults::KV_MEMORY_FRACTION,
         // One instruction stream issues both the loads and the FMAs.
         overlap: 0.0,
         efficiency: Efficiency {

@@ -9,6 +9,7 @@ use tessera_bench::plan::{
     calibrate, calibrate_overhead, compare, plan, read_runs, split_model, Cluster, Comparison,
     MeasuredRun, PlanReport, SchedulerSettings, Slo, SplitReport, Workload,
 };
+use tessera_coordinator::config::defaults;
 use tessera_model::{Efficiency, Hardware, ModelConfig, ShardPlan};
 use tessera_runtime::WeightDtype;
 
@@ -58,10 +59,10 @@ pub struct PlanArgs {
     #[arg(long, value_name = "SLO")]
     slo: Option<String>,
     /// The scheduler's `--max-batch-tokens`.
-    #[arg(long, value_name = "N", default_value_t = 2048)]
+    #[arg(long, value_name = "N", default_value_t = defaults::MAX_BATCH_TOKENS)]
     max_batch_tokens: usize,
     /// The scheduler's `--max-batch-seqs`.
-    #[arg(long, value_name = "N", default_value_t = 64)]
+    #[arg(long, value_name = "N", default_value_t = defaults::MAX_BATCH_SEQS)]
     max_batch_seqs: usize,
     /// Override the profile's memory per device, GB (10⁹ bytes).
     #[arg(long, value_name = "GB")]
@@ -89,7 +90,7 @@ pub struct PlanArgs {
     #[arg(long, value_name = "MS")]
     step_overhead_ms: Option<f64>,
     /// The scheduler's `--kv-block-tokens`.
-    #[arg(long, value_name = "N", default_value_t = 16)]
+    #[arg(long, value_name = "N", default_value_t = defaults::KV_BLOCK_TOKENS)]
     kv_block_tokens: usize,
     /// Weight dtype of the `cpu` profile (GPU profiles are bf16).
     #[arg(long, value_name = "DTYPE", default_value = "f32")]
