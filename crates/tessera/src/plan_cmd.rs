@@ -9,8 +9,9 @@ use tessera_bench::plan::{
     calibrate, calibrate_overhead, compare, plan, read_runs, split_model, Cluster, Comparison,
     MeasuredRun, PlanReport, SchedulerSettings, Slo, SplitReport, Workload,
 };
+use tessera_bench::replay::Limits;
 use tessera_coordinator::config::defaults;
-use tessera_model::{Efficiency, Hardware, ModelConfig, ShardPlan};
+use tessera_model::{CostModel, Efficiency, Hardware, ModelConfig, ShardPlan};
 use tessera_runtime::WeightDtype;
 
 /// Arguments of `tessera plan`.
@@ -199,6 +200,21 @@ fn run_split(args: &PlanArgs, run: &MeasuredRun, flag: &str) -> Result<(usize, u
     }
 }
 
+/// The split a measured run used, with its cost model and scheduler limits.
+fn run_model(
+    args: &PlanArgs,
+    config: &ModelConfig,
+    cluster: &Cluster,
+    sched: &SchedulerSettings,
+    run: &MeasuredRun,
+    flag: &str,
+) -> Result<((usize, usize), CostModel, Limits)> {
+    let (tp, pp) = run_split(args, run, flag)?;
+    let split = ShardPlan::new(config, tp, pp)?;
+    let (cost, limits) = split_model(config, cluster, &split, sched);
+    Ok(((tp, pp), cost, limits))
+}
+
 #[derive(Serialize)]
 struct Output<'a> {
     calibrated: Option<Efficiency>,
@@ -244,14 +260,19 @@ pub fn plan_cmd(args: PlanArgs) -> Result<()> {
         let first = runs
             .first()
             .with_context(|| format!("{} holds no run", path.display()))?;
-        let (tp, pp) = run_split(&args, first, "--calibrate-overhead")?;
         // The runs may be of another model than the one planned (a small one on `sim`).
         let measured = match &first.model_id {
             Some(name) => ModelConfig::preset(name).unwrap_or_else(|_| config.clone()),
             None => config.clone(),
         };
-        let split = ShardPlan::new(&measured, tp, pp)?;
-        let (mut cost, limits) = split_model(&measured, &cluster, &split, &sched);
+        let (_, mut cost, limits) = run_model(
+            &args,
+            &measured,
+            &cluster,
+            &sched,
+            first,
+            "--calibrate-overhead",
+        )?;
         let e = calibrate_overhead(&mut cost, &limits, &runs);
         cluster.hardware.efficiency = e;
         calibrated = Some(e);
@@ -277,9 +298,8 @@ pub fn plan_cmd(args: PlanArgs) -> Result<()> {
                 runs.len()
             )
         })?;
-        let (tp, pp) = run_split(&args, run, "--calibrate")?;
-        let split = ShardPlan::new(&config, tp, pp)?;
-        let (mut cost, limits) = split_model(&config, &cluster, &split, &sched);
+        let ((tp, pp), mut cost, limits) =
+            run_model(&args, &config, &cluster, &sched, run, "--calibrate")?;
         let e = calibrate(&mut cost, &limits, run);
         cluster.hardware.efficiency = e;
         calibrated = Some(e);
@@ -307,9 +327,7 @@ pub fn plan_cmd(args: PlanArgs) -> Result<()> {
         let runs = read_file_runs(path)?;
         let mut rows = Vec::new();
         for run in &runs {
-            let (tp, pp) = run_split(&args, run, "--compare")?;
-            let split = ShardPlan::new(&config, tp, pp)?;
-            let (cost, limits) = split_model(&config, &cluster, &split, &sched);
+            let (_, cost, limits) = run_model(&args, &config, &cluster, &sched, run, "--compare")?;
             rows.push(compare(&cost, &limits, run));
         }
         if !args.json {
