@@ -2,7 +2,7 @@
 //! between a client's call and its sequence in the scheduler.
 
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
@@ -30,7 +30,7 @@ pub struct GenerationService {
     config: Arc<ModelConfig>,
     tokenizer: Arc<Tokenizer>,
     scheduler: Arc<OnceLock<SchedulerHandle>>,
-    info: Arc<OnceLock<ModelInfoResponse>>,
+    info: Arc<RwLock<Option<ModelInfoResponse>>>,
     state: StateRx,
     started_unix: u64,
 }
@@ -43,7 +43,7 @@ impl GenerationService {
             config,
             tokenizer,
             scheduler: Arc::new(OnceLock::new()),
-            info: Arc::new(OnceLock::new()),
+            info: Arc::new(RwLock::new(None)),
             state,
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -53,8 +53,15 @@ impl GenerationService {
 
     /// Starts serving with `scheduler`; `info` is what `ModelInfo` answers.
     pub fn serve(&self, scheduler: SchedulerHandle, info: ModelInfoResponse) {
-        let _ = self.info.set(info);
+        self.set_info(info);
         let _ = self.scheduler.set(scheduler);
+    }
+
+    /// Replaces what `ModelInfo` answers (the workers change when the cluster recovers).
+    pub fn set_info(&self, info: ModelInfoResponse) {
+        if let Ok(mut slot) = self.info.write() {
+            *slot = Some(info);
+        }
     }
 
     fn scheduler(&self) -> Result<&SchedulerHandle, CoordinatorError> {
@@ -366,8 +373,9 @@ impl Generation for GenerationService {
         &self,
         _request: Request<ModelInfoRequest>,
     ) -> Result<Response<ModelInfoResponse>, Status> {
-        match self.info.get() {
-            Some(info) => Ok(Response::new(info.clone())),
+        let info = self.info.read().ok().and_then(|i| i.clone());
+        match info {
+            Some(info) => Ok(Response::new(info)),
             None => Err(self
                 .state
                 .borrow()

@@ -32,6 +32,9 @@ pub mod defaults {
     pub const WORKER_TIMEOUT_MS: u64 = 5_000;
     /// How often every worker's health is checked.
     pub const HEARTBEAT_MS: u64 = 1_000;
+    /// After a worker is lost, how long its requests wait for a replacement to take over
+    /// its shard before they end with UNAVAILABLE (the cluster keeps waiting after that).
+    pub const RECOVERY_TIMEOUT_MS: u64 = 60_000;
     /// How long bring-up waits for every worker to register.
     pub const REGISTER_TIMEOUT_MS: u64 = 300_000;
     /// How long workers wait for their collective peers during bring-up.
@@ -74,6 +77,7 @@ pub struct ClusterSection {
     pub listen: Option<String>,
     pub http_listen: Option<String>,
     pub worker_timeout_ms: Option<u64>,
+    pub recovery_timeout_ms: Option<u64>,
     pub register_timeout_ms: Option<u64>,
 }
 
@@ -142,6 +146,7 @@ pub struct CoordinatorConfig {
     pub max_batch_tokens: usize,
     pub max_queued: usize,
     pub worker_timeout: Duration,
+    pub recovery_timeout: Duration,
     pub heartbeat: Duration,
     pub register_timeout: Duration,
     pub connect_timeout: Duration,
@@ -164,6 +169,7 @@ impl CoordinatorConfig {
             max_batch_tokens: defaults::MAX_BATCH_TOKENS,
             max_queued: defaults::MAX_QUEUED,
             worker_timeout: Duration::from_millis(defaults::WORKER_TIMEOUT_MS),
+            recovery_timeout: Duration::from_millis(defaults::RECOVERY_TIMEOUT_MS),
             heartbeat: Duration::from_millis(defaults::HEARTBEAT_MS),
             register_timeout: Duration::from_millis(defaults::REGISTER_TIMEOUT_MS),
             connect_timeout: Duration::from_millis(defaults::CONNECT_TIMEOUT_MS),
@@ -204,6 +210,9 @@ impl CoordinatorConfig {
         }
         if let Some(ms) = cl.worker_timeout_ms {
             c.worker_timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = cl.recovery_timeout_ms {
+            c.recovery_timeout = Duration::from_millis(ms);
         }
         if let Some(ms) = cl.register_timeout_ms {
             c.register_timeout = Duration::from_millis(ms);
@@ -247,6 +256,9 @@ impl CoordinatorConfig {
         }
         if self.worker_timeout.is_zero() {
             return bad("worker_timeout_ms", "must be above 0");
+        }
+        if self.recovery_timeout.is_zero() {
+            return bad("recovery_timeout_ms", "must be above 0");
         }
         Ok(())
     }

@@ -42,6 +42,12 @@ pub const STEP_DURATION: &str = "tessera_step_duration_seconds";
 pub const STEP_TOKENS: &str = "tessera_step_tokens";
 /// Compute time of one step on one worker, labelled `stage` and `tp_rank`.
 pub const WORKER_STEP_DURATION: &str = "tessera_worker_step_seconds";
+/// Workers found dead or hung and taken out of the cluster.
+pub const WORKER_FAILURES: &str = "tessera_worker_failures_total";
+/// Times the cluster was rebuilt after losing workers and went on serving.
+pub const RECOVERIES: &str = "tessera_recoveries_total";
+/// From a failure's detection to serving again.
+pub const RECOVERY_DURATION: &str = "tessera_recovery_seconds";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -60,12 +66,13 @@ pub fn recorder() -> Option<&'static PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let buckets: [(&str, &[f64]); 6] = [
+            let buckets: [(&str, &[f64]); 7] = [
                 (TIME_TO_FIRST_TOKEN, LATENCY_BUCKETS),
                 (TIME_PER_OUTPUT_TOKEN, LATENCY_BUCKETS),
                 (STEP_DURATION, LATENCY_BUCKETS),
                 (WORKER_STEP_DURATION, LATENCY_BUCKETS),
                 (REQUEST_DURATION, DURATION_BUCKETS),
+                (RECOVERY_DURATION, DURATION_BUCKETS),
                 (STEP_TOKENS, TOKEN_BUCKETS),
             ];
             let builder = buckets
@@ -78,7 +85,14 @@ pub fn recorder() -> Option<&'static PrometheusHandle> {
             describe();
             // Counters are exported from the start, at 0, so that a rate over them has a
             // first sample (and a dashboard shows "no preemptions" rather than nothing).
-            for name in [PREEMPTIONS, GENERATED_TOKENS, PROMPT_TOKENS, STEPS] {
+            for name in [
+                PREEMPTIONS,
+                GENERATED_TOKENS,
+                PROMPT_TOKENS,
+                STEPS,
+                WORKER_FAILURES,
+                RECOVERIES,
+            ] {
                 metrics::counter!(name).absolute(0);
             }
             Some(handle)
@@ -132,6 +146,19 @@ fn describe() {
         "Wall time of a step at the coordinator (fan-out and reply)"
     );
     describe_histogram!(STEP_TOKENS, "New tokens in a step");
+    describe_counter!(
+        WORKER_FAILURES,
+        "Workers found dead or hung and taken out of the cluster"
+    );
+    describe_counter!(
+        RECOVERIES,
+        "Rebuilds of the cluster after a worker was lost"
+    );
+    describe_histogram!(
+        RECOVERY_DURATION,
+        Unit::Seconds,
+        "From detecting a lost worker to serving again"
+    );
     describe_histogram!(
         WORKER_STEP_DURATION,
         Unit::Seconds,

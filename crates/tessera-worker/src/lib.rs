@@ -256,8 +256,8 @@ fn server_exit(
     }
 }
 
-/// Calls `Cluster.Register` until the coordinator answers, backing off while it is not
-/// reachable, for up to `coordinator_timeout`.
+/// Calls `Cluster.Register` until the coordinator takes the worker, backing off while it
+/// is not reachable or has no vacant slot, for up to `coordinator_timeout`.
 async fn register(
     opts: &WorkerOptions,
     endpoint: &Endpoint,
@@ -278,6 +278,7 @@ async fn register(
         threads: opts.threads.min(u32::MAX as usize) as u32,
         hostname,
         memory_available_bytes,
+        pid: std::process::id(),
     };
     let started = Instant::now();
     let deadline = started + opts.coordinator_timeout;
@@ -298,7 +299,13 @@ async fn register(
         // `Err(Ok(status))`: the coordinator answered; `Err(Err(why))`: it could not be reached.
         let last_error = match tokio::time::timeout(left, attempt).await {
             Ok(Ok(registered)) => return Ok(registered),
-            Ok(Err(Ok(s))) if !matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded) => {
+            // A full cluster frees a slot when it loses a worker: keep trying.
+            Ok(Err(Ok(s)))
+                if !matches!(
+                    s.code(),
+                    Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted
+                ) =>
+            {
                 return Err(WorkerError::RegistrationRefused {
                     addr: opts.coordinator.clone(),
                     code: s.code(),

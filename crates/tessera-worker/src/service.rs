@@ -27,7 +27,7 @@ use tokio::sync::{watch, Mutex};
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument, warn};
 
-use crate::collectives::{self, Listeners, Peers};
+use crate::collectives::{self, Abort, Listeners, Peers};
 use crate::convert;
 use crate::error::WorkerError;
 use crate::memory;
@@ -148,6 +148,8 @@ impl State {
 struct Machine {
     epoch: u64,
     state: State,
+    /// Breaks the shard's connections, once they are open.
+    abort: Option<Abort>,
 }
 
 impl Machine {
@@ -203,6 +205,7 @@ impl WorkerService {
                 machine: Mutex::new(Machine {
                     epoch: 0,
                     state: State::Idle,
+                    abort: None,
                 }),
                 bind_ip,
                 device,
@@ -220,7 +223,11 @@ impl WorkerService {
         let mut m = self.inner.machine.lock().await;
         let old = std::mem::replace(&mut m.state, State::Idle);
         m.epoch += 1;
-        // Joining waits for the steps already sent, which a broken collective bounds.
+        // A step may be blocked on a peer that hangs; breaking the connections ends it,
+        // so joining the shard thread waits only for steps that can finish.
+        if let Some(abort) = m.abort.take() {
+            abort.abort();
+        }
         let _ = tokio::task::spawn_blocking(move || drop(old)).await;
     }
 
@@ -320,12 +327,13 @@ impl WorkerService {
             });
         }
         match connected {
-            Ok(comms) => {
+            Ok((comms, abort)) => {
                 info!(
                     ms = started.elapsed().as_millis() as u64,
                     "collectives open"
                 );
                 m.state = State::Connected(assignment, comms);
+                m.abort = Some(abort);
                 Ok(pb::OpenCollectivesResponse {})
             }
             Err(e) => {

@@ -60,6 +60,11 @@ pub struct ClusterArgs {
     /// declared failed (default 5000).
     #[arg(long, value_name = "MS")]
     pub worker_timeout_ms: Option<u64>,
+    /// Milliseconds the requests of a lost worker wait for a replacement to take over its
+    /// shard (their sequences are then prefilled again and go on) before they end with
+    /// UNAVAILABLE (default 60000). The cluster keeps waiting for a replacement after that.
+    #[arg(long, value_name = "MS")]
+    pub recovery_timeout_ms: Option<u64>,
 }
 
 impl ClusterArgs {
@@ -118,6 +123,9 @@ impl ClusterArgs {
         }
         if let Some(v) = self.worker_timeout_ms {
             c.worker_timeout = Duration::from_millis(v);
+        }
+        if let Some(v) = self.recovery_timeout_ms {
+            c.recovery_timeout = Duration::from_millis(v);
         }
         Ok(())
     }
