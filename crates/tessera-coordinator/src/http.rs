@@ -519,9 +519,7 @@ async fn health(State(api): State<GenerationService>) -> Response {
     let (status, word, message) = match &state {
         ClusterState::Serving => (StatusCode::OK, "serving", String::new()),
         ClusterState::Starting(s) => (StatusCode::SERVICE_UNAVAILABLE, "starting", s.clone()),
-        ClusterState::Recovering(s) => {
-            (StatusCode::SERVICE_UNAVAILABLE, "recovering", s.clone())
-        }
+        ClusterState::Recovering(s) => (StatusCode::SERVICE_UNAVAILABLE, "recovering", s.clone()),
         ClusterState::Failed(s) => (StatusCode::SERVICE_UNAVAILABLE, "failed", s.clone()),
         ClusterState::Stopping => (StatusCode::SERVICE_UNAVAILABLE, "stopping", String::new()),
     };

@@ -220,7 +220,11 @@ mod tests {
         assert_eq!(*m.watch_count().borrow(), 2);
         assert!(m.vacate(1).is_none(), "already vacant");
         let e = m.register(&req(7001, "10.0.0.1"), None).unwrap_err();
-        assert_eq!(e.code(), tonic::Code::AlreadyExists, "slot 0 is still taken");
+        assert_eq!(
+            e.code(),
+            tonic::Code::AlreadyExists,
+            "slot 0 is still taken"
+        );
         let new = m.register(&req(7004, "10.0.0.1"), None).unwrap();
         assert_eq!(new.worker_id, 1, "the replacement takes the vacant shard");
         let order: Vec<u16> = m.workers().iter().map(|w| w.address.port()).collect();

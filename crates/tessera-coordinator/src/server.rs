@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use metrics::{counter, histogram};
 use tessera_model::{ModelConfig, ShardPlan, Tokenizer};
 use tessera_proto::v1::generation_server::GenerationServer;
 use tessera_proto::v1::{ModelInfoResponse, WorkerInfo};
@@ -24,7 +25,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
-use metrics::{counter, histogram};
 use tracing::{info, warn};
 
 /// How long a recovery waits for a worker to answer a health check before it takes the
@@ -470,30 +470,25 @@ impl BringUp {
             if n >= world {
                 return Ok(());
             }
-            let shards: Vec<String> = vacant
-                .iter()
-                .map(|&i| old.workers[i].name())
-                .collect();
+            let shards: Vec<String> = vacant.iter().map(|&i| old.workers[i].name()).collect();
             self.starting(format!(
                 "waiting for {} worker(s) to take over from {}",
                 world - n,
                 shards.join(", ")
             ));
-            let wait = async {
-                if Instant::now() < deadline {
-                    tokio::time::timeout_at(deadline.into(), count.changed()).await
-                } else {
-                    Ok(count.changed().await)
-                }
-            };
-            match wait.await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(StartError::BringUp("registry closed".into())),
-                Err(_) => self.give_up_waiting(&format!(
+            if Instant::now() >= deadline {
+                self.give_up_waiting(&format!(
                     "no worker took over from {} within {} s",
                     shards.join(", "),
                     self.config.recovery_timeout.as_secs_f64()
-                )),
+                ));
+                if count.changed().await.is_err() {
+                    return Err(StartError::BringUp("registry closed".into()));
+                }
+            } else if let Ok(Err(_)) =
+                tokio::time::timeout_at(deadline.into(), count.changed()).await
+            {
+                return Err(StartError::BringUp("registry closed".into()));
             }
         }
     }

@@ -124,14 +124,13 @@ pub fn connect(listeners: Listeners, peers: &Peers) -> Result<(ShardComms, Abort
             .zip(next_spec)
             .map(|(l, spec)| s.spawn(move || TcpComm::connect(l, &spec)));
         let tp = TcpComm::connect(tp, &tp_spec);
-        let join =
-            |h: std::thread::ScopedJoinHandle<'_, tessera_runtime::Result<TcpComm>>| {
-                h.join().unwrap_or_else(|_| {
-                    Err(RuntimeError::Collective(
-                        "a connecting thread panicked".into(),
-                    ))
-                })
-            };
+        let join = |h: std::thread::ScopedJoinHandle<'_, tessera_runtime::Result<TcpComm>>| {
+            h.join().unwrap_or_else(|_| {
+                Err(RuntimeError::Collective(
+                    "a connecting thread panicked".into(),
+                ))
+            })
+        };
         (tp, prev.map(join).transpose(), next.map(join).transpose())
     });
     let mut failures = Vec::new();

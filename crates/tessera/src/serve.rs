@@ -173,10 +173,12 @@ impl Workers {
 
     /// The first worker that has exited, with its status.
     fn exited(&mut self) -> Option<(u32, std::process::ExitStatus)> {
-        self.children.iter_mut().find_map(|c| match c.child.try_wait() {
-            Ok(Some(status)) => Some((c.child.id(), status)),
-            _ => None,
-        })
+        self.children
+            .iter_mut()
+            .find_map(|c| match c.child.try_wait() {
+                Ok(Some(status)) => Some((c.child.id(), status)),
+                _ => None,
+            })
     }
 
     /// Kills the worker process `pid`, if it is one of ours and still runs (a worker the
@@ -218,7 +220,11 @@ impl Workers {
             if self.children[i].restart_at.is_some_and(|t| t <= now) {
                 match self.start() {
                     Ok(child) => {
-                        info!("started worker process {} in place of {}", child.id(), self.children[i].child.id());
+                        info!(
+                            "started worker process {} in place of {}",
+                            child.id(),
+                            self.children[i].child.id()
+                        );
                         let c = &mut self.children[i];
                         c.child = child;
                         c.started = now;
@@ -347,9 +353,13 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         );
         println!("  gRPC API:   {dial} (tessera.v1.Generation, grpc.health.v1, reflection)");
         if let Some(http) = coordinator.http_addr() {
-            println!("  OpenAI API: http://{http}/v1 (completions, models; also /health, /metrics)");
+            println!(
+                "  OpenAI API: http://{http}/v1 (completions, models; also /health, /metrics)"
+            );
         }
-        println!("  try:        tessera generate --endpoint {dial} --prompt \"The cluster\" --stream");
+        println!(
+            "  try:        tessera generate --endpoint {dial} --prompt \"The cluster\" --stream"
+        );
         println!("Ctrl-C stops the cluster.");
         loop {
             tokio::select! {
