@@ -1020,6 +1020,42 @@ mod tests {
     }
 
     #[test]
+    fn after_a_lost_worker_every_sequence_is_prefilled_again_in_order() {
+        let (mut s, h) = scheduler(64, 4, limits(8, 64));
+        let mut a = h.submit(params(5, 6)).unwrap();
+        let mut b = h.submit(params(3, 6)).unwrap();
+        turn(&mut s, 7);
+        turn(&mut s, 8);
+        assert_eq!(s.blocks.used(), 2 + 1, "6 and 4 tokens cached");
+        // The cluster loses a worker: the KV caches are gone.
+        s.requeue_running();
+        assert!(s.running.is_empty());
+        assert_eq!(s.blocks.used(), 0);
+        let order: Vec<u64> = s.waiting.iter().map(|q| q.id).collect();
+        assert_eq!(order, [0, 1], "oldest first");
+        assert!(s.waiting.iter().all(|q| q.cached == 0));
+        s.adopt();
+        assert_eq!(
+            s.step_id, WARM_UP_STEP_ID,
+            "the rebuilt workers' next step follows their warm-up"
+        );
+        assert_eq!(
+            turn(&mut s, 9),
+            vec![(0, 5 + 2, true), (1, 3 + 2, true)],
+            "each prefills its prompt and its 2 generated tokens, then samples"
+        );
+        while !s.running.is_empty() || !s.waiting.is_empty() {
+            turn(&mut s, 9);
+        }
+        for rx in [&mut a, &mut b] {
+            let (ids, err) = drain(rx);
+            assert!(err.is_none(), "{err:?}");
+            assert_eq!(ids, [7, 8, 9, 9, 9, 9], "no token lost or repeated");
+        }
+        assert_eq!(s.blocks.used(), 0);
+    }
+
+    #[test]
     fn submission_refuses_a_full_queue_and_a_request_that_can_never_fit() {
         let (s, h) = scheduler(
             4,

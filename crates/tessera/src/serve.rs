@@ -388,3 +388,22 @@ fn describe(m: &ModelSource) -> String {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_that_keeps_dying_young_waits_longer_each_time() {
+        assert_eq!(restart_backoff(0), Duration::ZERO);
+        assert_eq!(
+            restart_backoff(1),
+            Duration::ZERO,
+            "the first exit restarts at once"
+        );
+        assert_eq!(restart_backoff(2), RESTART_BACKOFF.0);
+        assert_eq!(restart_backoff(3), RESTART_BACKOFF.0 * 2);
+        assert_eq!(restart_backoff(4), RESTART_BACKOFF.0 * 4);
+        assert_eq!(restart_backoff(40), RESTART_BACKOFF.1, "capped");
+    }
+}
