@@ -33,12 +33,13 @@ const FIRST_KILL: Duration = Duration::from_secs(5);
 /// seeded sampling for odd `i`; either way the tokens are fixed by the request.
 fn request(i: usize) -> GenerateRequest {
     let i32 = i as u32;
+    let greedy = i.is_multiple_of(2);
     GenerateRequest {
         prompt_ids: vec![464, 1000 + 37 * i32, 7, 99 + i32],
         max_tokens: Some(NEW_TOKENS),
         ignore_eos: true,
-        temperature: Some(if i % 2 == 0 { 0.0 } else { 0.8 }),
-        repetition_penalty: Some(if i % 2 == 0 { 1.3 } else { 1.0 }),
+        temperature: Some(if greedy { 0.0 } else { 0.8 }),
+        repetition_penalty: Some(if greedy { 1.3 } else { 1.0 }),
         seed: Some(i as u64),
         ..Default::default()
     }
