@@ -26,11 +26,12 @@ const KV_BLOCKS: u32 = 16;
 const BLOCK_TOKENS: u32 = 8;
 const PROMPT: [u32; 7] = [464, 2068, 7586, 21831, 18045, 625, 262];
 
-/// A `Cluster` service that records registrations and answers generation 7, or refuses.
+/// A `Cluster` service that records registrations and answers generation 7, or refuses
+/// with the given code.
 #[derive(Clone, Default)]
 struct FakeCoordinator {
     registered: Arc<Mutex<Vec<pb::RegisterRequest>>>,
-    refuse: bool,
+    refuse: Option<Code>,
 }
 
 #[tonic::async_trait]
@@ -39,10 +40,14 @@ impl Cluster for FakeCoordinator {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        if self.refuse {
-            return Err(Status::resource_exhausted(
-                "the cluster has every worker it needs",
-            ));
+        match self.refuse {
+            Some(Code::ResourceExhausted) => {
+                return Err(Status::resource_exhausted(
+                    "the cluster has every worker it needs",
+                ))
+            }
+            Some(code) => return Err(Status::new(code, "not this worker")),
+            None => {}
         }
         let mut r = self.registered.lock().unwrap();
         r.push(req.into_inner());
@@ -637,7 +642,7 @@ async fn a_silent_coordinator_ends_the_worker() {
 #[tokio::test]
 async fn a_refused_or_absent_coordinator_is_a_clean_error() {
     let fake = FakeCoordinator {
-        refuse: true,
+        refuse: Some(Code::FailedPrecondition),
         ..Default::default()
     };
     let coordinator = fake.start().await;
@@ -649,10 +654,31 @@ async fn a_refused_or_absent_coordinator_is_a_clean_error() {
     .unwrap_err();
     match &e {
         WorkerError::RegistrationRefused { code, .. } => {
-            assert_eq!(*code, Code::ResourceExhausted)
+            assert_eq!(*code, Code::FailedPrecondition)
         }
         other => panic!("{other}"),
     }
+
+    // A full cluster frees a slot when it loses a worker: the worker keeps trying until
+    // its coordinator timeout.
+    let full = FakeCoordinator {
+        refuse: Some(Code::ResourceExhausted),
+        ..Default::default()
+    };
+    let coordinator = full.start().await;
+    let started = Instant::now();
+    let e = run_worker(
+        options(coordinator, Duration::from_millis(600)),
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(e, WorkerError::CoordinatorUnreachable { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("every worker it needs"), "{e}");
+    assert!(started.elapsed() >= Duration::from_millis(500));
 
     // Nothing listens on a port just freed.
     let free = std::net::TcpListener::bind("127.0.0.1:0")
