@@ -5,10 +5,11 @@
 //! Recovery: a failed step or a silent worker puts the cluster in `Recovering`. The
 //! workers that do not answer a health check within the worker timeout are taken out of
 //! their slots (and reported on [`Coordinator::take_vacated`], so a supervisor can end a
-//! hung process); the others are released, which breaks their collectives. The next
-//! workers to register get the vacant shards, bring-up runs again on every worker with
-//! the same KV-cache size, and the scheduler takes the new set and prefills its
-//! sequences again. Past the recovery timeout the waiting requests end with UNAVAILABLE
+//! hung process); the others are released keeping their weights, which breaks their
+//! collectives. The next workers to register get the vacant shards, bring-up runs again
+//! on every worker with the same KV-cache size (a survivor takes its new collective group
+//! without reading its weights again), and the scheduler takes the new set and prefills
+//! its sequences again. Past the recovery timeout the waiting requests end with UNAVAILABLE
 //! (`Failed`), and the cluster goes on waiting for a replacement.
 
 use std::net::SocketAddr;
@@ -414,7 +415,8 @@ impl BringUp {
             let alive: Vec<usize> = (0..workers.workers.len())
                 .filter(|i| !dead.contains(i))
                 .collect();
-            workers.release_only(&alive).await;
+            // The survivors keep their weights: each is assigned the same shard again.
+            workers.release_only(&alive, true).await;
             if dead.is_empty() {
                 // Nobody to replace: the failure was the step's own (a worker that failed
                 // it and lives on). Pause before trying the same workers again.
@@ -446,7 +448,8 @@ impl BringUp {
                 }
                 Err(e) => {
                     warn!("recovery: bringing the workers up again failed: {e}");
-                    workers.release().await;
+                    let all: Vec<usize> = (0..workers.workers.len()).collect();
+                    workers.release_only(&all, true).await;
                     if Instant::now() >= deadline {
                         self.give_up_waiting(&format!("the rebuilt cluster failed: {e}"));
                     }
@@ -653,6 +656,7 @@ impl BringUp {
                 worker = %w.name(),
                 weight_bytes = l.weight_bytes,
                 load_ms = l.load_ms,
+                reused = l.reused,
                 "shard loaded"
             );
         }

@@ -293,18 +293,20 @@ impl ShardedClient {
 
     /// Asks every worker to drop its shard; errors are ignored (the worker may be gone).
     pub async fn release(&self) {
-        self.release_only(&(0..self.workers.len()).collect::<Vec<_>>())
+        self.release_only(&(0..self.workers.len()).collect::<Vec<_>>(), false)
             .await;
     }
 
-    /// Asks the workers at `indices` to drop their shards and break their collectives;
-    /// errors are ignored (a worker may be gone).
-    pub async fn release_only(&self, indices: &[usize]) {
+    /// Asks the workers at `indices` to break their collectives and drop their shards, or
+    /// with `keep_weights` to keep them loaded for the same assignment; errors are ignored
+    /// (a worker may be gone).
+    pub async fn release_only(&self, indices: &[usize], keep_weights: bool) {
         let calls = indices.iter().map(|&i| {
             let w = &self.workers[i];
             let mut c = w.raw();
             let mut req = tonic::Request::new(pb::ReleaseRequest {
                 generation: self.generation,
+                keep_weights,
             });
             req.set_timeout(Duration::from_secs(2));
             async move { c.release(req).await }

@@ -241,7 +241,7 @@ pub async fn run_worker(
     {
         server.abort();
     }
-    service.release().await;
+    service.release(false).await;
     info!("worker stopped");
     outcome
 }

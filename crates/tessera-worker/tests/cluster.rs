@@ -296,6 +296,7 @@ impl TestCluster {
             c.clone()
                 .release(pb::ReleaseRequest {
                     generation: GENERATION,
+                    keep_weights: false,
                 })
                 .await
                 .unwrap();
@@ -534,6 +535,69 @@ async fn two_pipeline_stages_match_the_local_engine() {
     }
 }
 
+/// What a rebuilt cluster does to its survivors: `Release` keeping the weights, then the
+/// same assignment again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_kept_shard_takes_a_new_group_without_reading_its_weights_again() {
+    let fake = FakeCoordinator::default();
+    let coordinator = fake.clone().start().await;
+    let mut workers: Vec<TestWorker> = Vec::new();
+    for n in 1..=2 {
+        workers.push(spawn_worker(options(coordinator, Duration::from_secs(10))));
+        fake.ports(n).await;
+    }
+    let mut clients = Vec::new();
+    for p in fake.ports(2).await {
+        clients.push(client(p).await);
+    }
+    let release = |clients: &[WorkerClient<Channel>], keep_weights: bool| {
+        let calls: Vec<_> = clients
+            .iter()
+            .map(|c| {
+                let mut c = c.clone();
+                async move {
+                    c.release(pb::ReleaseRequest {
+                        generation: GENERATION,
+                        keep_weights,
+                    })
+                    .await
+                    .unwrap();
+                }
+            })
+            .collect();
+        all(calls)
+    };
+    let (cluster, loaded) = TestCluster::try_bring_up(synthetic(), 2, 1, clients).await;
+    assert!(loaded.iter().all(|l| !l.as_ref().unwrap().reused));
+    let (want, _, _) = generate(&cluster, 1, 4).await;
+
+    // Kept: the same shards take a new group and give the same tokens, prefilled again
+    // from position 0 with step ids starting over.
+    release(&cluster.clients, true).await;
+    let (cluster, loaded) = TestCluster::try_bring_up(synthetic(), 2, 1, cluster.clients).await;
+    for l in &loaded {
+        let l = l.as_ref().unwrap();
+        assert!(l.reused && l.weight_bytes > 0, "{l:?}");
+    }
+    assert_eq!(generate(&cluster, 1, 4).await.0, want);
+
+    // Another shard (the ranks swapped) is loaded afresh.
+    release(&cluster.clients, true).await;
+    let swapped: Vec<_> = cluster.clients.iter().rev().cloned().collect();
+    let (cluster, loaded) = TestCluster::try_bring_up(synthetic(), 2, 1, swapped).await;
+    assert!(loaded.iter().all(|l| !l.as_ref().unwrap().reused));
+    assert_eq!(generate(&cluster, 1, 4).await.0, want);
+
+    // A plain release drops the weights.
+    release(&cluster.clients, false).await;
+    let (cluster, loaded) = TestCluster::try_bring_up(synthetic(), 2, 1, cluster.clients).await;
+    assert!(loaded.iter().all(|l| !l.as_ref().unwrap().reused));
+    cluster.release().await;
+    for w in workers {
+        w.stop().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_out_of_turn_or_with_bad_fields_are_refused() {
     let fake = FakeCoordinator::default();
@@ -611,6 +675,7 @@ async fn calls_out_of_turn_or_with_bad_fields_are_refused() {
     assert!(h.message.contains("previous stage"), "{}", h.message);
     c.release(pb::ReleaseRequest {
         generation: GENERATION,
+        keep_weights: false,
     })
     .await
     .unwrap();
@@ -856,6 +921,7 @@ async fn a_lost_peer_fails_the_step_and_the_worker() {
     rank0
         .release(pb::ReleaseRequest {
             generation: GENERATION,
+            keep_weights: false,
         })
         .await
         .unwrap();
