@@ -283,6 +283,7 @@ async fn register(
     let started = Instant::now();
     let deadline = started + opts.coordinator_timeout;
     let mut backoff = REGISTER_BACKOFF.0;
+    let mut last_error: Option<String> = None;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let attempt = async {
@@ -297,7 +298,7 @@ async fn register(
                 .map_err(Ok)
         };
         // `Err(Ok(status))`: the coordinator answered; `Err(Err(why))`: it could not be reached.
-        let last_error = match tokio::time::timeout(left, attempt).await {
+        let error = match tokio::time::timeout(left, attempt).await {
             Ok(Ok(registered)) => return Ok(registered),
             // A full cluster frees a slot when it loses a worker: keep trying.
             Ok(Err(Ok(s)))
@@ -314,20 +315,22 @@ async fn register(
             }
             Ok(Err(Ok(s))) => s.message().to_string(),
             Ok(Err(Err(why))) => why,
-            Err(_) => "no answer".to_string(),
+            // An attempt cut short by the deadline says less than the one before it.
+            Err(_) => last_error.take().unwrap_or_else(|| "no answer".to_string()),
         };
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(WorkerError::CoordinatorUnreachable {
                 addr: opts.coordinator.clone(),
                 waited: opts.coordinator_timeout,
-                last_error,
+                last_error: error,
             });
         }
         tracing::debug!(
-            "coordinator at {} not reachable yet: {last_error}",
+            "coordinator at {} not reachable yet: {error}",
             opts.coordinator
         );
+        last_error = Some(error);
         tokio::time::sleep(backoff.min(left)).await;
         backoff = (backoff * 2).min(REGISTER_BACKOFF.1);
     }
