@@ -34,6 +34,9 @@ pub const PREEMPTIONS: &str = "tessera_preemptions_total";
 pub const REQUESTS_FINISHED: &str = "tessera_requests_finished_total";
 /// Requests refused at submission, by `reason`: queue_full, too_long, unavailable.
 pub const REQUESTS_REJECTED: &str = "tessera_requests_rejected_total";
+/// Requests refused for want of a valid API key, by `api` (grpc, http) and `reason`
+/// (missing, malformed, invalid).
+pub const REQUESTS_UNAUTHENTICATED: &str = "tessera_requests_unauthenticated_total";
 /// Steps sent to the workers.
 pub const STEPS: &str = "tessera_steps_total";
 /// Wall time of a step as the coordinator sees it (fan-out to every worker and back).
@@ -139,6 +142,10 @@ fn describe() {
     );
     describe_counter!(REQUESTS_FINISHED, "Requests that ended, by reason");
     describe_counter!(REQUESTS_REJECTED, "Requests refused on arrival, by reason");
+    describe_counter!(
+        REQUESTS_UNAUTHENTICATED,
+        "Requests refused for want of a valid API key, by API and reason"
+    );
     describe_counter!(STEPS, "Steps sent to the workers");
     describe_histogram!(
         STEP_DURATION,

@@ -24,6 +24,7 @@ use tessera_proto::worker::v1 as pb;
 use tessera_proto::worker::v1::cluster_server::ClusterServer;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
@@ -36,6 +37,7 @@ const RECOVERY_PROBE: Duration = Duration::from_secs(2);
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 use crate::api::GenerationService;
+use crate::auth::{ApiKeys, GrpcAuth};
 use crate::blocks::BlockManager;
 use crate::config::{defaults, CoordinatorConfig, ModelSource};
 use crate::error::StartError;
@@ -84,6 +86,15 @@ impl Coordinator {
         config.validate()?;
         crate::metrics::recorder();
         let model = open_model(&config.model)?;
+        let api_keys = config
+            .api_key_file
+            .as_deref()
+            .map(ApiKeys::load)
+            .transpose()?;
+        if let Some(keys) = &api_keys {
+            info!("the public APIs require one of {} API keys", keys.len());
+        }
+        let api_keys = api_keys.map(Arc::new);
         let plan = ShardPlan::new(&model.config, config.tp, config.pp)?;
         if let Some(bytes) = config.kv_cache_bytes {
             // An explicit size that cannot hold a block of the smallest elements (bf16) is
@@ -142,10 +153,11 @@ impl Coordinator {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha)
-            .add_service(
+            .add_service(InterceptedService::new(
                 GenerationServer::new(api.clone())
                     .max_decoding_message_size(defaults::MAX_MESSAGE_BYTES),
-            )
+                GrpcAuth::new(api_keys.clone()),
+            ))
             .add_service(ClusterServer::new(membership.clone()))
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -167,23 +179,13 @@ impl Coordinator {
                     source,
                 })?;
                 let mut rx = stop_rx.clone();
-                let app = crate::http::router(api.clone());
+                let read_timeout = config.http_read_timeout;
+                let app = crate::http::router(api.clone(), api_keys.clone(), read_timeout);
                 let task = tokio::spawn(async move {
                     let stopped = async move {
                         let _ = rx.wait_for(|s| *s).await;
                     };
-                    // Without TCP_NODELAY each streamed event after the first waits for
-                    // the client's delayed ACK (up to 40 ms on Linux), which bunches
-                    // tokens and adds that much to the time to first token.
-                    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                        let _ = tcp.set_nodelay(true);
-                    });
-                    if let Err(e) = axum::serve(listener, app)
-                        .with_graceful_shutdown(stopped)
-                        .await
-                    {
-                        warn!("HTTP server: {e}");
-                    }
+                    crate::http::serve(listener, app, read_timeout, stopped).await;
                 });
                 info!(%addr, "OpenAI-compatible HTTP API listening");
                 Some((addr, task))
