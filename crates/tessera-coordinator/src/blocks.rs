@@ -41,8 +41,11 @@ fn largest_element(workers: &[Registered]) -> u64 {
         .unwrap_or(4)
 }
 
+/// Most KV blocks a worker may hold: block ids are 32-bit on the wire.
+pub const MAX_KV_BLOCKS: usize = u32::MAX as usize;
+
 /// Bytes of one KV block on each worker of the plan: K and V, `element` bytes each, for
-/// each of the shard's layers and heads.
+/// each of the shard's layers and heads (saturating: a block past `u64` holds no cache).
 fn block_bytes(
     config: &ModelConfig,
     plan: &ShardPlan,
@@ -52,9 +55,16 @@ fn block_bytes(
     plan.shards
         .iter()
         .map(|s| {
-            ((2 * s.layers.len() * s.heads.len() * config.head_dim() * block_tokens) as u64
-                * element)
-                .max(1)
+            [
+                2,
+                s.layers.len(),
+                s.heads.len(),
+                config.head_dim(),
+                block_tokens,
+            ]
+            .into_iter()
+            .fold(element, |bytes, n| bytes.saturating_mul(n as u64))
+            .max(1)
         })
         .collect()
 }
@@ -85,14 +95,16 @@ pub fn kv_blocks_for_bytes(
 /// what `kv_memory_fraction` of each machine's available memory (as its workers reported
 /// at registration; workers at the same address and host name share one machine's) leaves
 /// after their weights, split evenly among them. Never more than a full batch of
-/// full-context sequences can use.
+/// full-context sequences can use, nor more than [`MAX_KV_BLOCKS`].
 pub fn kv_blocks(
     config: &ModelConfig,
     plan: &ShardPlan,
     c: &CoordinatorConfig,
     workers: &[Registered],
 ) -> Result<KvSizing, StartError> {
-    let useful = c.max_batch_seqs * config.n_positions.div_ceil(c.kv_block_tokens);
+    let useful = c
+        .max_batch_seqs
+        .saturating_mul(config.n_positions.div_ceil(c.kv_block_tokens));
     let (fit, why) = match c.kv_cache_bytes {
         Some(bytes) => (
             kv_blocks_for_bytes(config, plan, c, bytes, largest_element(workers))?,
@@ -100,16 +112,24 @@ pub fn kv_blocks(
         ),
         None => by_memory(config, plan, c, workers)?,
     };
-    if fit > useful {
-        return Ok(KvSizing {
-            blocks: useful,
-            why: format!(
+    let (blocks, why) = if fit > useful {
+        (
+            useful,
+            format!(
                 "{useful} blocks serve max_batch_seqs sequences of the whole context \
                  ({why} would allow {fit})"
             ),
+        )
+    } else {
+        (fit, why)
+    };
+    if blocks > MAX_KV_BLOCKS {
+        return Ok(KvSizing {
+            blocks: MAX_KV_BLOCKS,
+            why: format!("{MAX_KV_BLOCKS} blocks, as many as 32-bit ids number ({why})"),
         });
     }
-    Ok(KvSizing { blocks: fit, why })
+    Ok(KvSizing { blocks, why })
 }
 
 fn by_memory(
@@ -134,8 +154,11 @@ fn by_memory(
             .entry((w.address.ip(), w.hostname.as_str()))
             .or_insert((u64::MAX, 0, 0));
         m.0 = m.0.min(w.memory_available_bytes);
-        m.1 += plan.worker_params(config, spec) * weight_bytes;
-        m.2 += block[spec.worker];
+        m.1 = m.1.saturating_add(
+            plan.worker_params(config, spec)
+                .saturating_mul(weight_bytes),
+        );
+        m.2 = m.2.saturating_add(block[spec.worker]);
     }
     let mut fit = usize::MAX;
     let mut why = String::new();
@@ -293,6 +316,26 @@ mod tests {
             2 * 1024 / 16,
             "capped at a full batch of full contexts"
         );
+    }
+
+    #[test]
+    fn absurd_limits_size_the_cache_without_overflow() {
+        let model = ModelConfig::preset("gpt2-tiny").unwrap();
+        let plan = ShardPlan::new(&model, 8, 4).unwrap();
+        let mut c = CoordinatorConfig::new(ModelSource::Synthetic {
+            preset: "gpt2-tiny".into(),
+            seed: 0,
+        });
+        c.max_batch_seqs = usize::MAX;
+        let machine = [worker(0, "10.0.0.1", 1 << 30)];
+        let s = kv_blocks(&model, &plan, &c, &machine).unwrap();
+        assert!(s.blocks >= 1 && s.blocks < MAX_KV_BLOCKS, "{s:?}");
+
+        // A cache of 2^63 bytes in blocks of 4 KiB: more blocks than 32-bit ids name.
+        c.kv_cache_bytes = Some(i64::MAX as u64);
+        let s = kv_blocks(&model, &plan, &c, &machine).unwrap();
+        assert_eq!(s.blocks, MAX_KV_BLOCKS, "{}", s.why);
+        assert!(s.why.contains("32-bit"), "{}", s.why);
     }
 
     #[test]

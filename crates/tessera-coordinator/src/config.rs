@@ -18,6 +18,8 @@ pub mod defaults {
     pub const DTYPE: &str = "f32";
     /// Tokens per KV-cache block.
     pub const KV_BLOCK_TOKENS: usize = 16;
+    /// Tokens per KV-cache block at most: the largest block a worker accepts.
+    pub const MAX_KV_BLOCK_TOKENS: usize = 1 << 16;
     /// Share of the memory a machine has available when its workers register that its
     /// workers' weights and KV caches may take together (unless `kv_cache_bytes` is set).
     pub const KV_MEMORY_FRACTION: f64 = 0.5;
@@ -266,8 +268,11 @@ impl CoordinatorConfig {
         if self.pp == 0 {
             return bad("pp", "must be at least 1");
         }
-        if self.kv_block_tokens == 0 {
-            return bad("kv_block_tokens", "must be at least 1");
+        if self.kv_block_tokens == 0 || self.kv_block_tokens > defaults::MAX_KV_BLOCK_TOKENS {
+            return bad(
+                "kv_block_tokens",
+                &format!("must be in 1..={}", defaults::MAX_KV_BLOCK_TOKENS),
+            );
         }
         if !(self.kv_memory_fraction > 0.0 && self.kv_memory_fraction <= 1.0) {
             return bad("kv_memory_fraction", "must be in (0, 1]");
@@ -341,5 +346,21 @@ mod tests {
         let file = ConfigFile::parse("[model]\npreset = \"gpt2\"\n").unwrap();
         let c = CoordinatorConfig::from_file(&file).unwrap();
         assert_eq!(c.api_key_file, None, "open unless a key file is named");
+    }
+
+    #[test]
+    fn blocks_past_what_workers_accept_are_refused() {
+        let with_block = |tokens: usize| {
+            let text =
+                format!("[model]\npreset = \"gpt2\"\n[scheduler]\nkv_block_tokens = {tokens}\n");
+            CoordinatorConfig::from_file(&ConfigFile::parse(&text).unwrap())
+                .unwrap()
+                .validate()
+        };
+        with_block(defaults::MAX_KV_BLOCK_TOKENS).unwrap();
+        for tokens in [defaults::MAX_KV_BLOCK_TOKENS + 1, i64::MAX as usize] {
+            let e = with_block(tokens).unwrap_err().to_string();
+            assert!(e.contains("kv_block_tokens"), "{e}");
+        }
     }
 }

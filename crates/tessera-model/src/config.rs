@@ -11,6 +11,18 @@ pub const GPT2_VOCAB: usize = 50257;
 /// `<|endoftext|>` in the GPT-2 BPE.
 pub const GPT2_EOS: u32 = 50256;
 
+/// Upper bounds of a model's dimensions, checked by [`ModelConfig::validate`]. Far above any
+/// GPT-2/3 model (GPT-3 175B has 96 layers of 12288), low enough that every product of them
+/// fits `u64` and every dimension fits the worker protocol's 32-bit fields.
+const MAX_DIMS: [(&str, usize); 6] = [
+    ("vocab_size", 1 << 24),
+    ("n_positions", 1 << 20),
+    ("n_embd", 1 << 16),
+    ("n_layer", 1 << 12),
+    ("n_head", 1 << 12),
+    ("n_inner", 1 << 18),
+];
+
 /// One decoder-only, pre-LayerNorm transformer with learned position embeddings,
 /// `gelu_new` (tanh) activation and tied input/output embeddings.
 ///
@@ -167,7 +179,7 @@ impl ModelConfig {
             n_embd: hf.n_embd,
             n_layer: hf.n_layer,
             n_head: hf.n_head,
-            n_inner: hf.n_inner.unwrap_or(4 * hf.n_embd),
+            n_inner: hf.n_inner.unwrap_or(hf.n_embd.saturating_mul(4)),
             layer_norm_epsilon: hf.layer_norm_epsilon,
             eos_token_id: hf.eos_token_id.unwrap_or(GPT2_EOS),
         };
@@ -203,19 +215,20 @@ impl ModelConfig {
         serde_json::to_string_pretty(&v).expect("a json! value serialises")
     }
 
-    /// Checks the relations every GPT-2-architecture model satisfies.
+    /// Checks the relations every GPT-2-architecture model satisfies, and that every
+    /// dimension is positive and within the bounds Tessera's arithmetic holds for.
     pub fn validate(&self) -> Result<()> {
-        let positive = [
-            ("vocab_size", self.vocab_size),
-            ("n_positions", self.n_positions),
-            ("n_embd", self.n_embd),
-            ("n_layer", self.n_layer),
-            ("n_head", self.n_head),
-            ("n_inner", self.n_inner),
+        let dims = [
+            self.vocab_size,
+            self.n_positions,
+            self.n_embd,
+            self.n_layer,
+            self.n_head,
+            self.n_inner,
         ];
-        for (field, value) in positive {
-            if value == 0 {
-                return Err(invalid(field, &value, "must be positive"));
+        for ((field, max), value) in MAX_DIMS.into_iter().zip(dims) {
+            if value == 0 || value > max {
+                return Err(invalid(field, &value, &format!("must be in 1..={max}")));
             }
         }
         if !self.n_embd.is_multiple_of(self.n_head) {
@@ -223,13 +236,6 @@ impl ModelConfig {
                 "n_head",
                 &self.n_head,
                 &format!("must divide n_embd = {}", self.n_embd),
-            ));
-        }
-        if self.vocab_size > u32::MAX as usize {
-            return Err(invalid(
-                "vocab_size",
-                &self.vocab_size,
-                "token ids are 32-bit",
             ));
         }
         if !(self.layer_norm_epsilon > 0.0 && self.layer_norm_epsilon.is_finite()) {
@@ -402,5 +408,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("activation_function"), "{e}");
+    }
+
+    #[test]
+    fn absurd_dimensions_are_refused_before_any_arithmetic() {
+        // No n_inner: it would be 4 · n_embd, past usize.
+        let text = r#"{"vocab_size":50257,"n_positions":1024,"n_embd":4611686018427387904,"n_layer":4294967296,"n_head":1}"#;
+        let e = ModelConfig::from_hf_json("x", text)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("n_embd"), "{e}");
+        let mut c = ModelConfig::preset("gpt2").unwrap();
+        c.n_layer = 1 << 32;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("n_layer"), "{e}");
+        // At every bound the parameter count still fits.
+        let c = ModelConfig {
+            name: "widest".into(),
+            vocab_size: 1 << 24,
+            n_positions: 1 << 20,
+            n_embd: 1 << 16,
+            n_layer: 1 << 12,
+            n_head: 1 << 12,
+            n_inner: 1 << 18,
+            layer_norm_epsilon: 1e-5,
+            eos_token_id: 0,
+        };
+        c.validate().unwrap();
+        assert!(c.param_count() > 1 << 40);
     }
 }

@@ -7,35 +7,13 @@ use tessera_runtime::{SampleSpec, SamplingParams, SeqStep, StepOutput, StepReque
 
 use crate::error::WorkerError;
 
-/// Upper bounds of a model's dimensions. Far above any GPT-2/3 model (GPT-3 175B has 96
-/// layers of 12288), low enough that products of them cannot overflow.
-const MAX_VOCAB: u32 = 1 << 24;
-const MAX_POSITIONS: u32 = 1 << 20;
-const MAX_EMBD: u32 = 1 << 16;
-const MAX_LAYERS: u32 = 1 << 12;
-const MAX_HEADS: u32 = 1 << 12;
-const MAX_INNER: u32 = 1 << 18;
+/// Longest model name accepted.
 const MAX_NAME_BYTES: usize = 256;
 
-/// A proto `ModelConfig` as the model crate's, with every dimension positive and bounded,
-/// then checked by [`ModelConfig::validate`]. `field` prefixes the names in errors.
+/// A proto `ModelConfig` as the model crate's, checked by [`ModelConfig::validate`] (which
+/// bounds every dimension, so nothing derived from them can overflow). `field` prefixes the
+/// names in errors.
 pub fn model_config(c: &pb::ModelConfig, field: &str) -> Result<ModelConfig, WorkerError> {
-    let dims = [
-        ("vocab_size", c.vocab_size, MAX_VOCAB),
-        ("n_positions", c.n_positions, MAX_POSITIONS),
-        ("n_embd", c.n_embd, MAX_EMBD),
-        ("n_layer", c.n_layer, MAX_LAYERS),
-        ("n_head", c.n_head, MAX_HEADS),
-        ("n_inner", c.n_inner, MAX_INNER),
-    ];
-    for (name, value, max) in dims {
-        if value == 0 || value > max {
-            return Err(WorkerError::invalid(
-                format!("{field}.{name}"),
-                format!("{value} is not in 1..={max}"),
-            ));
-        }
-    }
     if c.name.len() > MAX_NAME_BYTES {
         return Err(WorkerError::invalid(
             format!("{field}.name"),
