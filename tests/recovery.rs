@@ -18,6 +18,10 @@ use std::time::{Duration, Instant};
 use cluster_common::{metric, wait_idle, wait_serving, Manual, Serve};
 use tessera_client::{Client, ClientError, Code, GenerateRequest};
 
+/// The tests of this file run one at a time: each times a recovery, and two clusters
+/// recovering at once on a 2-core machine would time each other.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Concurrent client streams.
 const CLIENTS: usize = 8;
 /// Distinct requests the clients cycle through; each has its reference tokens.
@@ -138,6 +142,7 @@ fn next_random(state: &mut u64) -> u64 {
 
 /// Runs the chaos test on `tessera serve ARGS`.
 async fn chaos(args: &[&str]) {
+    let _serial = SERIAL.lock().await;
     let secs: u64 = std::env::var("TESSERA_CHAOS_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -273,6 +278,7 @@ fn process_at(cluster: &Manual, address: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_worker_takes_over_the_shard_of_a_dead_one() {
+    let _serial = SERIAL.lock().await;
     let mut cluster = Manual::start(&["--preset", "gpt2-tiny", "--tp", "2"], 2, &[]);
     let mut client = wait_serving(&cluster.endpoint, Duration::from_secs(60)).await;
     let expected = stream(&cluster.endpoint, request(0)).await.unwrap();
@@ -305,6 +311,7 @@ async fn a_new_worker_takes_over_the_shard_of_a_dead_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_that_passes_during_recovery_ends_the_request() {
+    let _serial = SERIAL.lock().await;
     let mut cluster = Manual::start(
         &[
             "--preset",
