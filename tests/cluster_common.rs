@@ -224,6 +224,16 @@ impl Manual {
     pub fn add_worker(&mut self, worker_args: &[&str]) {
         self.workers.push(worker(&self.endpoint, worker_args));
     }
+
+    /// The index in `workers` of the process listening on `address` (`IP:PORT`, as
+    /// ModelInfo lists a worker).
+    pub fn process_at(&self, address: &str) -> usize {
+        let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
+        self.workers
+            .iter()
+            .position(|w| listening_ports(w.pid()).contains(&port))
+            .unwrap_or_else(|| panic!("no worker process listens on {address}"))
+    }
 }
 
 /// A worker process of the coordinator at `endpoint`, on 127.0.0.1.

@@ -9,7 +9,7 @@ mod cluster_common;
 
 use std::time::{Duration, Instant};
 
-use cluster_common::{alive, listening_ports, wait_serving, Manual, Serve};
+use cluster_common::{alive, wait_serving, Manual, Serve};
 use tessera_client::{Client, ClientError, Code, GenerateRequest};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -105,12 +105,7 @@ struct WorkerIdentity {
 async fn identify(client: &mut Client, cluster: &Manual, index: usize) -> WorkerIdentity {
     let info = client.model_info().await.unwrap();
     let address = info.workers[index].address.clone();
-    let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
-    let proc = cluster
-        .workers
-        .iter()
-        .position(|w| listening_ports(w.pid()).contains(&port))
-        .unwrap_or_else(|| panic!("no worker process listens on {address}"));
+    let proc = cluster.process_at(&address);
     WorkerIdentity {
         index,
         address,

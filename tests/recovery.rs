@@ -266,16 +266,6 @@ async fn chaos_tp2_pp2_every_request_completes_unchanged() {
     chaos(&["--tp", "2", "--pp", "2"]).await;
 }
 
-/// The worker process listening on `address` (`IP:PORT`, as ModelInfo lists it).
-fn process_at(cluster: &Manual, address: &str) -> usize {
-    let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
-    cluster
-        .workers
-        .iter()
-        .position(|w| cluster_common::listening_ports(w.pid()).contains(&port))
-        .unwrap_or_else(|| panic!("no worker process listens on {address}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_worker_takes_over_the_shard_of_a_dead_one() {
     let _serial = SERIAL.lock().await;
@@ -287,7 +277,7 @@ async fn a_new_worker_takes_over_the_shard_of_a_dead_one() {
     let endpoint = cluster.endpoint.clone();
     let running = tokio::spawn(async move { stream(&endpoint, request(0)).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let victim = process_at(&cluster, &before.workers[1].address);
+    let victim = cluster.process_at(&before.workers[1].address);
     cluster.workers[victim].signal(libc::SIGKILL);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!running.is_finished(), "the stream waits for a replacement");
@@ -326,7 +316,7 @@ async fn a_deadline_that_passes_during_recovery_ends_the_request() {
     );
     let mut client = wait_serving(&cluster.endpoint, Duration::from_secs(60)).await;
     let info = client.model_info().await.unwrap();
-    let victim = process_at(&cluster, &info.workers[1].address);
+    let victim = cluster.process_at(&info.workers[1].address);
     cluster.workers[victim].signal(libc::SIGKILL);
 
     let mut req = request(1);

@@ -385,7 +385,7 @@ impl BringUp {
             }
         }
         let workers = cluster.borrow().clone();
-        workers.release().await;
+        workers.release(false).await;
         Ok(())
     }
 
@@ -450,8 +450,7 @@ impl BringUp {
                 }
                 Err(e) => {
                     warn!("recovery: bringing the workers up again failed: {e}");
-                    let all: Vec<usize> = (0..workers.workers.len()).collect();
-                    workers.release_only(&all, true).await;
+                    workers.release(true).await;
                     if Instant::now() >= deadline {
                         self.give_up_waiting(&format!("the rebuilt cluster failed: {e}"));
                     }
@@ -560,7 +559,7 @@ impl BringUp {
         let mut workers = self.clients()?;
         let result = self.bring_up_workers(&mut workers).await;
         if result.is_err() {
-            workers.release().await;
+            workers.release(false).await;
         }
         result.map(|()| workers)
     }

@@ -291,9 +291,10 @@ impl ShardedClient {
             .collect()
     }
 
-    /// Asks every worker to drop its shard; errors are ignored (the worker may be gone).
-    pub async fn release(&self) {
-        self.release_only(&(0..self.workers.len()).collect::<Vec<_>>(), false)
+    /// Asks every worker to drop its shard, or with `keep_weights` to keep it loaded for
+    /// the same assignment; errors are ignored (the worker may be gone).
+    pub async fn release(&self, keep_weights: bool) {
+        self.release_only(&(0..self.workers.len()).collect::<Vec<_>>(), keep_weights)
             .await;
     }
 

@@ -125,6 +125,25 @@ impl TestWorker {
     }
 }
 
+/// `n` workers of `fake`, started one at a time so that registration order (which gives
+/// the ranks) is spawn order, and a client of each in that order.
+async fn spawn_in_rank_order(
+    fake: &FakeCoordinator,
+    coordinator: SocketAddr,
+    n: usize,
+) -> (Vec<TestWorker>, Vec<WorkerClient<Channel>>) {
+    let mut workers = Vec::new();
+    for registered in 1..=n {
+        workers.push(spawn_worker(options(coordinator, Duration::from_secs(10))));
+        fake.ports(registered).await;
+    }
+    let mut clients = Vec::new();
+    for p in fake.ports(n).await {
+        clients.push(client(p).await);
+    }
+    (workers, clients)
+}
+
 async fn client(port: u32) -> WorkerClient<Channel> {
     WorkerClient::connect(format!("http://127.0.0.1:{port}"))
         .await
@@ -292,11 +311,16 @@ impl TestCluster {
     }
 
     async fn release(&self) {
+        self.release_keeping(false).await;
+    }
+
+    /// `Release` on every worker, keeping loaded weights when asked.
+    async fn release_keeping(&self, keep_weights: bool) {
         for c in &self.clients {
             c.clone()
                 .release(pb::ReleaseRequest {
                     generation: GENERATION,
-                    keep_weights: false,
+                    keep_weights,
                 })
                 .await
                 .unwrap();
@@ -541,39 +565,14 @@ async fn two_pipeline_stages_match_the_local_engine() {
 async fn a_kept_shard_takes_a_new_group_without_reading_its_weights_again() {
     let fake = FakeCoordinator::default();
     let coordinator = fake.clone().start().await;
-    let mut workers: Vec<TestWorker> = Vec::new();
-    for n in 1..=2 {
-        workers.push(spawn_worker(options(coordinator, Duration::from_secs(10))));
-        fake.ports(n).await;
-    }
-    let mut clients = Vec::new();
-    for p in fake.ports(2).await {
-        clients.push(client(p).await);
-    }
-    let release = |clients: &[WorkerClient<Channel>], keep_weights: bool| {
-        let calls: Vec<_> = clients
-            .iter()
-            .map(|c| {
-                let mut c = c.clone();
-                async move {
-                    c.release(pb::ReleaseRequest {
-                        generation: GENERATION,
-                        keep_weights,
-                    })
-                    .await
-                    .unwrap();
-                }
-            })
-            .collect();
-        all(calls)
-    };
+    let (workers, clients) = spawn_in_rank_order(&fake, coordinator, 2).await;
     let (cluster, loaded) = TestCluster::try_bring_up(synthetic(), 2, 1, clients).await;
     assert!(loaded.iter().all(|l| !l.as_ref().unwrap().reused));
     let (want, _, _) = generate(&cluster, 1, 4).await;
 
     // Kept: the same shards take a new group and give the same tokens, prefilled again
     // from position 0 with step ids starting over.
-    release(&cluster.clients, true).await;
+    cluster.release_keeping(true).await;
     let (cluster, loaded) = TestCluster::try_bring_up(synthetic(), 2, 1, cluster.clients).await;
     for l in &loaded {
         let l = l.as_ref().unwrap();
@@ -582,14 +581,14 @@ async fn a_kept_shard_takes_a_new_group_without_reading_its_weights_again() {
     assert_eq!(generate(&cluster, 1, 4).await.0, want);
 
     // Another shard (the ranks swapped) is loaded afresh.
-    release(&cluster.clients, true).await;
+    cluster.release_keeping(true).await;
     let swapped: Vec<_> = cluster.clients.iter().rev().cloned().collect();
     let (cluster, loaded) = TestCluster::try_bring_up(synthetic(), 2, 1, swapped).await;
     assert!(loaded.iter().all(|l| !l.as_ref().unwrap().reused));
     assert_eq!(generate(&cluster, 1, 4).await.0, want);
 
     // A plain release drops the weights.
-    release(&cluster.clients, false).await;
+    cluster.release().await;
     let (cluster, loaded) = TestCluster::try_bring_up(synthetic(), 2, 1, cluster.clients).await;
     assert!(loaded.iter().all(|l| !l.as_ref().unwrap().reused));
     cluster.release().await;
@@ -882,16 +881,7 @@ async fn a_checkpoint_loads_only_for_its_own_config_and_matches_transformers() {
 async fn a_lost_peer_fails_the_step_and_the_worker() {
     let fake = FakeCoordinator::default();
     let coordinator = fake.clone().start().await;
-    // One at a time, so that registration order (which gives the ranks) is spawn order.
-    let mut workers: Vec<TestWorker> = Vec::new();
-    for n in 1..=2 {
-        workers.push(spawn_worker(options(coordinator, Duration::from_secs(10))));
-        fake.ports(n).await;
-    }
-    let mut clients = Vec::new();
-    for p in fake.ports(2).await {
-        clients.push(client(p).await);
-    }
+    let (mut workers, clients) = spawn_in_rank_order(&fake, coordinator, 2).await;
     let cluster = TestCluster::bring_up(synthetic(), 2, 1, clients).await;
     generate(&cluster, 1, 1).await;
 
