@@ -212,23 +212,29 @@ impl Manual {
             Duration::from_secs(60),
         )
         .unwrap_or_else(|e| panic!("coordinator did not start: {e}"));
-        let workers = (0..n)
-            .map(|_| {
-                let mut w = tessera();
-                w.args(["worker", "--coordinator", &endpoint])
-                    .args(["--listen", "127.0.0.1:0", "--threads", "1"])
-                    .args(worker_args)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null());
-                Proc(w.spawn().expect("tessera worker starts"))
-            })
-            .collect();
+        let workers = (0..n).map(|_| worker(&endpoint, worker_args)).collect();
         Manual {
             coordinator,
             workers,
             endpoint,
         }
     }
+
+    /// Starts one more worker, as a new node joining the cluster would.
+    pub fn add_worker(&mut self, worker_args: &[&str]) {
+        self.workers.push(worker(&self.endpoint, worker_args));
+    }
+}
+
+/// A worker process of the coordinator at `endpoint`, on 127.0.0.1.
+fn worker(endpoint: &str, worker_args: &[&str]) -> Proc {
+    let mut w = tessera();
+    w.args(["worker", "--coordinator", endpoint])
+        .args(["--listen", "127.0.0.1:0", "--threads", "1"])
+        .args(worker_args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    Proc(w.spawn().expect("tessera worker starts"))
 }
 
 /// Polls the cluster until it answers `ModelInfo`, i.e. serves.

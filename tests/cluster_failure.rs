@@ -1,7 +1,9 @@
 //! A cluster that loses a process says so and leaves nothing behind: a killed or hung
-//! worker ends every request with UNAVAILABLE naming that worker while the coordinator
-//! keeps running and reports NOT_SERVING; Ctrl-C or a SIGKILL of `tessera serve` takes
-//! its workers down; a worker whose coordinator dies exits on its own.
+//! worker that no replacement takes over from within the recovery timeout ends every
+//! request with UNAVAILABLE naming that worker, while the coordinator keeps running and
+//! reports NOT_SERVING; Ctrl-C or a SIGKILL of `tessera serve` takes its workers down; a
+//! worker whose coordinator dies exits on its own. (Recovery with a replacement is in
+//! `recovery.rs`.)
 
 mod cluster_common;
 
@@ -16,10 +18,12 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 /// Flags of the coordinator of a failure test: the worker timeout bounds how long a hung
-/// worker goes unnoticed.
+/// worker goes unnoticed, the recovery timeout how long requests wait for a replacement
+/// (none comes in these tests).
 const WORKER_TIMEOUT_MS: u64 = 2000;
+const RECOVERY_TIMEOUT_MS: u64 = 1500;
 /// How long every request may take to end once a worker is killed or stopped.
-const FAILURE_DEADLINE: Duration = Duration::from_secs(10);
+const FAILURE_DEADLINE: Duration = Duration::from_secs(15);
 
 /// A request long enough to be running when the worker goes: the preset's context is
 /// 1024 tokens.
@@ -224,6 +228,7 @@ async fn expect_reported_failure(cluster: &mut Manual, who: &WorkerIdentity, str
 
 fn failure_cluster() -> Manual {
     let timeout = WORKER_TIMEOUT_MS.to_string();
+    let recovery = RECOVERY_TIMEOUT_MS.to_string();
     Manual::start(
         &[
             "--preset",
@@ -232,6 +237,8 @@ fn failure_cluster() -> Manual {
             "2",
             "--worker-timeout-ms",
             &timeout,
+            "--recovery-timeout-ms",
+            &recovery,
         ],
         2,
         &[],

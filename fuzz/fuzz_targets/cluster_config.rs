@@ -54,6 +54,7 @@ fuzz_target!(|data: &[u8]| {
             backend: "cpu".into(),
             hostname: "node".into(),
             memory_available_bytes: WORKER_MEMORY_BYTES,
+            pid: 0,
         })
         .collect();
     if let Ok(sizing) = kv_blocks(&model, &plan, &config, &workers) {

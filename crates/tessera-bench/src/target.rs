@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use tessera_client::{code_name, Client, ClientError, FinishReason, GenerateRequest};
+use tessera_client::{code_name, ApiKey, Client, ClientError, FinishReason, GenerateRequest};
 
 use crate::dataset::{Prompt, PromptBody, PromptForm};
 use crate::record::{Chunk, Failure, RequestRecord};
@@ -26,6 +26,8 @@ pub enum TargetSpec {
     Tessera {
         /// The endpoint.
         endpoint: String,
+        /// The key of a cluster that requires one.
+        api_key: Option<ApiKey>,
     },
     /// An OpenAI-compatible server.
     OpenAi {
@@ -33,6 +35,8 @@ pub enum TargetSpec {
         base_url: String,
         /// The model to ask for; `None`: the first of `GET {base}/models`.
         model: Option<String>,
+        /// Sent as `Authorization: Bearer <key>` on every request, when given.
+        api_key: Option<ApiKey>,
     },
 }
 
@@ -82,13 +86,14 @@ impl Target {
     /// split and the vocabulary.
     pub async fn connect(spec: &TargetSpec) -> Result<Target, BenchError> {
         match spec {
-            TargetSpec::Tessera { endpoint } => {
+            TargetSpec::Tessera { endpoint, api_key } => {
                 let error = |e: ClientError| BenchError::Target {
                     target: endpoint.clone(),
                     reason: e.to_string(),
                 };
                 let options = tessera_client::ClientOptions {
                     connect_timeout: CONNECT_TIMEOUT,
+                    api_key: api_key.clone(),
                     ..Default::default()
                 };
                 let mut client = Client::connect_with(endpoint, options)
@@ -110,7 +115,11 @@ impl Target {
                     client: Connection::Tessera(client),
                 })
             }
-            TargetSpec::OpenAi { base_url, model } => {
+            TargetSpec::OpenAi {
+                base_url,
+                model,
+                api_key,
+            } => {
                 let error = |reason: String| BenchError::Target {
                     target: base_url.clone(),
                     reason,
@@ -123,8 +132,17 @@ impl Target {
                             .into(),
                     ));
                 }
+                let mut headers = reqwest::header::HeaderMap::new();
+                if let Some(key) = api_key {
+                    let mut bearer =
+                        reqwest::header::HeaderValue::try_from(format!("Bearer {}", key.expose()))
+                            .map_err(|_| error("the API key cannot be sent in a header".into()))?;
+                    bearer.set_sensitive(true);
+                    headers.insert(reqwest::header::AUTHORIZATION, bearer);
+                }
                 let http = reqwest::Client::builder()
                     .connect_timeout(CONNECT_TIMEOUT)
+                    .default_headers(headers)
                     .build()
                     .map_err(|e| error(error_text(&e)))?;
                 let models = http
@@ -133,6 +151,14 @@ impl Target {
                     .send()
                     .await
                     .map_err(|e| error(format!("cannot be reached: {}", error_text(&e))))?;
+                if models.status() == reqwest::StatusCode::UNAUTHORIZED {
+                    let why = if api_key.is_some() {
+                        "the server refused the API key (401)"
+                    } else {
+                        "the server requires an API key (401); give it with --api-key"
+                    };
+                    return Err(error(why.into()));
+                }
                 let model_id = match model {
                     Some(m) => m.clone(),
                     None => first_model(models).await.map_err(error)?,
@@ -280,7 +306,9 @@ fn grpc_failure(e: ClientError) -> Failure {
     let status = match &e {
         ClientError::Status(s) => code_name(s.code()),
         ClientError::Protocol(_) => Failure::PROTOCOL,
-        ClientError::Connect { .. } | ClientError::InvalidEndpoint { .. } => Failure::TRANSPORT,
+        ClientError::Connect { .. }
+        | ClientError::InvalidEndpoint { .. }
+        | ClientError::InvalidApiKey(_) => Failure::TRANSPORT,
     };
     Failure::new(status, e.to_string())
 }

@@ -8,9 +8,11 @@ use tessera_proto::v1::generation_client::GenerationClient;
 use tessera_proto::v1::{
     GenerateRequest, GenerateResponse, ModelInfoRequest, ModelInfoResponse, TokenizeRequest,
 };
+use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
+use crate::api_key::ApiKey;
 use crate::endpoint::endpoint_uri;
 use crate::stream::{deadline_exceeded, GenerateStream};
 use crate::ClientError;
@@ -26,6 +28,9 @@ pub struct ClientOptions {
     /// Largest response message accepted. tonic's default of 4 MiB is too small for a long
     /// completion with logprobs, or a `Tokenize` of a large text.
     pub max_decoding_message_bytes: usize,
+    /// The key to send, as `authorization: Bearer <key>`, to a server that requires one
+    /// (`tessera serve --api-key-file`). `None`: no key is sent.
+    pub api_key: Option<ApiKey>,
 }
 
 impl Default for ClientOptions {
@@ -34,6 +39,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(5),
             call_timeout: None,
             max_decoding_message_bytes: 16 << 20,
+            api_key: None,
         }
     }
 }
@@ -46,6 +52,8 @@ impl Default for ClientOptions {
 pub struct Client {
     inner: GenerationClient<Channel>,
     call_timeout: Option<Duration>,
+    /// `Bearer <key>`, marked sensitive (its `Debug` is hidden).
+    authorization: Option<AsciiMetadataValue>,
 }
 
 impl Client {
@@ -89,6 +97,7 @@ impl Client {
             inner: GenerationClient::new(channel)
                 .max_decoding_message_size(options.max_decoding_message_bytes),
             call_timeout: options.call_timeout,
+            authorization: options.api_key.as_ref().map(ApiKey::bearer),
         })
     }
 
@@ -140,11 +149,16 @@ impl Client {
     }
 
     /// A request carrying the call's deadline as `grpc-timeout`, so the server can stop
-    /// work nobody waits for any more.
+    /// work nobody waits for any more, and the API key if there is one.
     fn request<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
         if let Some(timeout) = self.call_timeout {
             request.set_timeout(timeout);
+        }
+        if let Some(value) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
         }
         request
     }

@@ -18,6 +18,9 @@ pub enum ClientError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The API key cannot be sent (the message says why; it never contains the key).
+    #[error("invalid API key: {0}")]
+    InvalidApiKey(&'static str),
     /// Nothing answered at the endpoint (refused, unreachable, or no answer in time).
     #[error("cannot connect to {endpoint}: {reason}")]
     Connect {

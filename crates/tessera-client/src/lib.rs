@@ -29,13 +29,16 @@
 //! ```
 //!
 //! Fields of [`GenerateRequest`] left `None` take the server's defaults. Errors print as
-//! `CODE: message` ([`ClientError`]).
+//! `CODE: message` ([`ClientError`]). A server started with `--api-key-file` needs
+//! [`ClientOptions::api_key`]; without it every call is `UNAUTHENTICATED`.
 
+mod api_key;
 mod client;
 mod endpoint;
 mod error;
 mod stream;
 
+pub use api_key::ApiKey;
 pub use client::{Client, ClientOptions};
 pub use endpoint::endpoint_uri;
 pub use error::{code_name, ClientError};

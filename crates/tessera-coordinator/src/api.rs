@@ -2,7 +2,7 @@
 //! between a client's call and its sequence in the scheduler.
 
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
@@ -30,7 +30,7 @@ pub struct GenerationService {
     config: Arc<ModelConfig>,
     tokenizer: Arc<Tokenizer>,
     scheduler: Arc<OnceLock<SchedulerHandle>>,
-    info: Arc<OnceLock<ModelInfoResponse>>,
+    info: Arc<RwLock<Option<ModelInfoResponse>>>,
     state: StateRx,
     started_unix: u64,
 }
@@ -43,7 +43,7 @@ impl GenerationService {
             config,
             tokenizer,
             scheduler: Arc::new(OnceLock::new()),
-            info: Arc::new(OnceLock::new()),
+            info: Arc::new(RwLock::new(None)),
             state,
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -53,8 +53,15 @@ impl GenerationService {
 
     /// Starts serving with `scheduler`; `info` is what `ModelInfo` answers.
     pub fn serve(&self, scheduler: SchedulerHandle, info: ModelInfoResponse) {
-        let _ = self.info.set(info);
+        self.set_info(info);
         let _ = self.scheduler.set(scheduler);
+    }
+
+    /// Replaces what `ModelInfo` answers (the workers change when the cluster recovers).
+    pub fn set_info(&self, info: ModelInfoResponse) {
+        if let Ok(mut slot) = self.info.write() {
+            *slot = Some(info);
+        }
     }
 
     fn scheduler(&self) -> Result<&SchedulerHandle, CoordinatorError> {
@@ -67,8 +74,32 @@ impl GenerationService {
     }
 
     /// Checks a request and fills in the defaults; every error names its field.
-    pub fn validate(&self, req: &GenerateRequest) -> Result<GenerationParams, CoordinatorError> {
-        validate(&self.config, &self.tokenizer, req)
+    ///
+    /// A long prompt text is tokenized on the blocking pool: a MiB of text takes a
+    /// tokenizer long enough to hold up every other task of the runtime, the scheduler's
+    /// among them.
+    pub async fn validate(
+        &self,
+        req: &GenerateRequest,
+    ) -> Result<GenerationParams, CoordinatorError> {
+        if !tokenizes_slowly(&req.prompt) {
+            return validate(&self.config, &self.tokenizer, req);
+        }
+        let (config, tokenizer, req) = (self.config.clone(), self.tokenizer.clone(), req.clone());
+        tokio::task::spawn_blocking(move || validate(&config, &tokenizer, &req))
+            .await
+            .map_err(|e| CoordinatorError::Internal(format!("tokenizer: {e}")))?
+    }
+
+    /// [`encode_text`], on the blocking pool for a long text (see [`Self::validate`]).
+    async fn tokenize_text(&self, text: String) -> Result<Vec<u32>, CoordinatorError> {
+        if !tokenizes_slowly(&text) {
+            return encode_text(&self.tokenizer, "text", &text);
+        }
+        let tokenizer = self.tokenizer.clone();
+        tokio::task::spawn_blocking(move || encode_text(&tokenizer, "text", &text))
+            .await
+            .map_err(|e| CoordinatorError::Internal(format!("tokenizer: {e}")))?
     }
 
     /// Queues a validated request with the scheduler.
@@ -102,6 +133,16 @@ impl GenerationService {
     }
 }
 
+/// Text shorter than this is tokenized where the request is handled (well under a
+/// millisecond); longer text goes to the blocking pool.
+const INLINE_TOKENIZE_BYTES: usize = 16 << 10;
+
+/// Whether `text` goes to the blocking pool: long enough to take a while, and not so
+/// long that it is refused before the tokenizer sees it.
+fn tokenizes_slowly(text: &str) -> bool {
+    (INLINE_TOKENIZE_BYTES..=defaults::MAX_PROMPT_BYTES).contains(&text.len())
+}
+
 /// Tokenizes client text after checking its size; errors name `field`.
 fn encode_text(
     tokenizer: &Tokenizer,
@@ -121,6 +162,28 @@ fn encode_text(
     tokenizer
         .encode(text)
         .map_err(|e| CoordinatorError::invalid(field, e.to_string()))
+}
+
+/// The error for a prompt of `n` token ids, over [`defaults::MAX_PROMPT_TOKENS`].
+pub(crate) fn too_many_prompt_tokens(n: usize) -> CoordinatorError {
+    CoordinatorError::out_of_range(
+        "prompt_ids",
+        format!(
+            "{n} token ids is over the limit of {}",
+            defaults::MAX_PROMPT_TOKENS
+        ),
+    )
+}
+
+/// The error for `n` stop strings, over [`defaults::MAX_STOP_STRINGS`].
+pub(crate) fn too_many_stop_strings(n: usize) -> CoordinatorError {
+    CoordinatorError::invalid(
+        "stop",
+        format!(
+            "{n} stop strings; at most {} are allowed",
+            defaults::MAX_STOP_STRINGS
+        ),
+    )
 }
 
 /// Checks a request against the model and fills in the defaults.
@@ -152,6 +215,9 @@ pub fn validate(
             ids
         }
         (true, false) => {
+            if req.prompt_ids.len() > defaults::MAX_PROMPT_TOKENS {
+                return Err(too_many_prompt_tokens(req.prompt_ids.len()));
+            }
             if let Some((i, &bad)) = req
                 .prompt_ids
                 .iter()
@@ -224,14 +290,7 @@ pub fn validate(
         ));
     }
     if req.stop.len() > defaults::MAX_STOP_STRINGS {
-        return Err(E::invalid(
-            "stop",
-            format!(
-                "{} stop strings; at most {} are allowed",
-                req.stop.len(),
-                defaults::MAX_STOP_STRINGS
-            ),
-        ));
+        return Err(too_many_stop_strings(req.stop.len()));
     }
     for (i, s) in req.stop.iter().enumerate() {
         if s.is_empty() {
@@ -300,7 +359,7 @@ impl Generation for GenerationService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        let mut params = self.validate(request.get_ref())?;
+        let mut params = self.validate(request.get_ref()).await?;
         let deadline = grpc_deadline(&request);
         params.deadline = deadline;
         let mut events = self.scheduler()?.submit(params)?;
@@ -344,7 +403,7 @@ impl Generation for GenerationService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let mut params = self.validate(request.get_ref())?;
+        let mut params = self.validate(request.get_ref()).await?;
         params.deadline = grpc_deadline(&request);
         let events = self.scheduler()?.submit(params)?;
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
@@ -357,7 +416,7 @@ impl Generation for GenerationService {
         &self,
         request: Request<TokenizeRequest>,
     ) -> Result<Response<TokenizeResponse>, Status> {
-        let token_ids = encode_text(&self.tokenizer, "text", &request.get_ref().text)?;
+        let token_ids = self.tokenize_text(request.into_inner().text).await?;
         Ok(Response::new(TokenizeResponse { token_ids }))
     }
 
@@ -366,8 +425,9 @@ impl Generation for GenerationService {
         &self,
         _request: Request<ModelInfoRequest>,
     ) -> Result<Response<ModelInfoResponse>, Status> {
-        match self.info.get() {
-            Some(info) => Ok(Response::new(info.clone())),
+        let info = self.info.read().ok().and_then(|i| i.clone());
+        match info {
+            Some(info) => Ok(Response::new(info)),
             None => Err(self
                 .state
                 .borrow()
@@ -450,6 +510,12 @@ mod tests {
         };
         refused(big, Code::OutOfRange, "prompt");
         refused(ids(ctx), Code::OutOfRange, "prompt_ids");
+        let e = check(ids(defaults::MAX_PROMPT_TOKENS + 1)).unwrap_err();
+        assert_eq!(e.code(), Code::OutOfRange);
+        assert!(
+            e.to_string().starts_with("prompt_ids:") && e.to_string().contains("limit"),
+            "the id count is checked before the model's context: {e}"
+        );
         let mut r = ids(1);
         r.prompt_ids[0] = 50257;
         refused(r, Code::InvalidArgument, "prompt_ids");

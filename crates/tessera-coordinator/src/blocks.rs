@@ -260,6 +260,7 @@ mod tests {
             backend: "cpu".into(),
             hostname: format!("host-{ip}"),
             memory_available_bytes: memory,
+            pid: 0,
         }
     }
 

@@ -34,6 +34,9 @@ pub mod defaults {
     pub const WORKER_TIMEOUT_MS: u64 = 5_000;
     /// How often every worker's health is checked.
     pub const HEARTBEAT_MS: u64 = 1_000;
+    /// After a worker is lost, how long its requests wait for a replacement to take over
+    /// its shard before they end with UNAVAILABLE (the cluster keeps waiting after that).
+    pub const RECOVERY_TIMEOUT_MS: u64 = 60_000;
     /// How long bring-up waits for every worker to register.
     pub const REGISTER_TIMEOUT_MS: u64 = 300_000;
     /// How long workers wait for their collective peers during bring-up.
@@ -41,11 +44,25 @@ pub mod defaults {
     /// Once formed, how long one collective read or write may wait on a peer: above the
     /// slowest step. A hung worker is found sooner by the health checks.
     pub const COLLECTIVE_IO_TIMEOUT_MS: u64 = 600_000;
-    /// Largest prompt text accepted, in bytes.
+    /// Largest prompt text accepted (and text to `Tokenize`), in bytes.
     pub const MAX_PROMPT_BYTES: usize = 1 << 20;
-    /// Largest gRPC message accepted, in bytes (above the prompt limit so an oversized
+    /// Most prompt token ids accepted, whatever the model's context (which usually refuses
+    /// far fewer, with its own error): it bounds the work and memory of a request before
+    /// the model is consulted.
+    pub const MAX_PROMPT_TOKENS: usize = 1 << 20;
+    /// Largest gRPC message accepted, in bytes (above the prompt limits so an oversized
     /// prompt gets a precise error naming the field).
     pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+    /// Largest HTTP request body accepted, in bytes (room for the largest prompt written
+    /// as JSON escapes or as a token-id array).
+    pub const MAX_HTTP_BODY_BYTES: usize = 16 << 20;
+    /// Largest header block of an HTTP/1 request, in bytes (beyond it, 431). HTTP/2 header
+    /// lists, on both listeners, keep hyper's limit of 16 KiB.
+    pub const MAX_HTTP_HEADER_BYTES: usize = 64 << 10;
+    /// How long an HTTP client may take to send a request's headers, and then its body:
+    /// a client that sends too slowly, or stops halfway, does not hold a connection and
+    /// a task for ever.
+    pub const HTTP_READ_TIMEOUT_MS: u64 = 30_000;
     /// Stop strings per request at most.
     pub const MAX_STOP_STRINGS: usize = 16;
     /// Bytes of one stop string at most.
@@ -76,7 +93,11 @@ pub struct ClusterSection {
     pub listen: Option<String>,
     pub http_listen: Option<String>,
     pub worker_timeout_ms: Option<u64>,
+    pub recovery_timeout_ms: Option<u64>,
     pub register_timeout_ms: Option<u64>,
+    /// Keys the public APIs require (one per line); none: the APIs are open.
+    pub api_key_file: Option<PathBuf>,
+    pub http_read_timeout_ms: Option<u64>,
 }
 
 /// The `[scheduler]` section.
@@ -144,9 +165,15 @@ pub struct CoordinatorConfig {
     pub max_batch_tokens: usize,
     pub max_queued: usize,
     pub worker_timeout: Duration,
+    pub recovery_timeout: Duration,
     pub heartbeat: Duration,
     pub register_timeout: Duration,
     pub connect_timeout: Duration,
+    /// A file of API keys the public gRPC and HTTP APIs require; `None`: they are open.
+    /// Read when the coordinator starts (see [`crate::auth::ApiKeys::load`]).
+    pub api_key_file: Option<PathBuf>,
+    /// How long an HTTP client may take to send a request's headers, and then its body.
+    pub http_read_timeout: Duration,
 }
 
 impl CoordinatorConfig {
@@ -166,9 +193,12 @@ impl CoordinatorConfig {
             max_batch_tokens: defaults::MAX_BATCH_TOKENS,
             max_queued: defaults::MAX_QUEUED,
             worker_timeout: Duration::from_millis(defaults::WORKER_TIMEOUT_MS),
+            recovery_timeout: Duration::from_millis(defaults::RECOVERY_TIMEOUT_MS),
             heartbeat: Duration::from_millis(defaults::HEARTBEAT_MS),
             register_timeout: Duration::from_millis(defaults::REGISTER_TIMEOUT_MS),
             connect_timeout: Duration::from_millis(defaults::CONNECT_TIMEOUT_MS),
+            api_key_file: None,
+            http_read_timeout: Duration::from_millis(defaults::HTTP_READ_TIMEOUT_MS),
         }
     }
 
@@ -207,8 +237,17 @@ impl CoordinatorConfig {
         if let Some(ms) = cl.worker_timeout_ms {
             c.worker_timeout = Duration::from_millis(ms);
         }
+        if let Some(ms) = cl.recovery_timeout_ms {
+            c.recovery_timeout = Duration::from_millis(ms);
+        }
         if let Some(ms) = cl.register_timeout_ms {
             c.register_timeout = Duration::from_millis(ms);
+        }
+        if let Some(f) = &cl.api_key_file {
+            c.api_key_file = Some(f.clone());
+        }
+        if let Some(ms) = cl.http_read_timeout_ms {
+            c.http_read_timeout = Duration::from_millis(ms);
         }
         c.kv_block_tokens = s.kv_block_tokens.unwrap_or(c.kv_block_tokens);
         c.kv_cache_bytes = s.kv_cache_bytes.or(c.kv_cache_bytes);
@@ -253,6 +292,12 @@ impl CoordinatorConfig {
         if self.worker_timeout.is_zero() {
             return bad("worker_timeout_ms", "must be above 0");
         }
+        if self.recovery_timeout.is_zero() {
+            return bad("recovery_timeout_ms", "must be above 0");
+        }
+        if self.http_read_timeout.is_zero() {
+            return bad("http_read_timeout_ms", "must be above 0");
+        }
         Ok(())
     }
 }
@@ -285,6 +330,22 @@ mod tests {
         assert!(e.to_string().contains("tp"), "{e}");
         let file = ConfigFile::parse("[model]\n").unwrap();
         assert!(CoordinatorConfig::from_file(&file).is_err());
+    }
+
+    #[test]
+    fn the_cluster_section_names_the_api_key_file_and_the_read_timeout() {
+        let file = ConfigFile::parse(
+            "[model]\npreset = \"gpt2\"\n[cluster]\napi_key_file = \"/etc/tessera/keys\"\n\
+             http_read_timeout_ms = 5000\n",
+        )
+        .unwrap();
+        let c = CoordinatorConfig::from_file(&file).unwrap();
+        assert_eq!(c.api_key_file, Some(PathBuf::from("/etc/tessera/keys")));
+        assert_eq!(c.http_read_timeout, Duration::from_secs(5));
+        c.validate().unwrap();
+        let file = ConfigFile::parse("[model]\npreset = \"gpt2\"\n").unwrap();
+        let c = CoordinatorConfig::from_file(&file).unwrap();
+        assert_eq!(c.api_key_file, None, "open unless a key file is named");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! load, warm-up) and then serves until stopped or until a worker fails.
 
 pub mod api;
+pub mod auth;
 pub mod blocks;
 pub mod config;
 pub mod detok;

@@ -1,8 +1,9 @@
 //! Worker registration: the `tessera.worker.v1.Cluster` service the workers call.
 //!
-//! Registrations are taken in arrival order until the cluster has `tp × pp` workers; the
-//! `i`-th to register gets shard `i` of the plan (stage-major). Later ones are refused
-//! with RESOURCE_EXHAUSTED.
+//! The cluster has one slot per shard of the plan (stage-major). A registration takes the
+//! lowest vacant slot, whose index is the worker's shard; when every slot is taken it is
+//! refused with RESOURCE_EXHAUSTED. A worker found dead is taken out of its slot
+//! ([`Membership::vacate`]), and the next worker to register is given its shard.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -16,7 +17,7 @@ use tracing::info;
 /// A worker that has registered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registered {
-    /// Its index in registration order, which is its shard index.
+    /// Its slot, which is its shard index.
     pub worker_id: usize,
     /// Where its `Worker` service listens.
     pub address: SocketAddr,
@@ -26,6 +27,8 @@ pub struct Registered {
     pub hostname: String,
     /// Memory it could use for its shard when it registered (0: unknown).
     pub memory_available_bytes: u64,
+    /// Its process id on its host (0: unknown), so a supervisor can end a hung one.
+    pub pid: u32,
 }
 
 /// The registry behind the `Cluster` service.
@@ -35,10 +38,11 @@ pub struct Membership {
 }
 
 struct Inner {
-    capacity: usize,
     generation: u64,
     heartbeat_ms: u32,
-    workers: Mutex<Vec<Registered>>,
+    /// One slot per shard.
+    slots: Mutex<Vec<Option<Registered>>>,
+    /// Slots taken.
     count: watch::Sender<usize>,
 }
 
@@ -47,10 +51,9 @@ impl Membership {
     pub fn new(capacity: usize, generation: u64, heartbeat_ms: u32) -> Self {
         Membership {
             inner: Arc::new(Inner {
-                capacity,
                 generation,
                 heartbeat_ms,
-                workers: Mutex::new(Vec::new()),
+                slots: Mutex::new(vec![None; capacity]),
                 count: watch::channel(0).0,
             }),
         }
@@ -61,18 +64,29 @@ impl Membership {
         self.inner.generation
     }
 
-    /// Watches the number of registered workers.
+    /// Watches the number of slots taken.
     pub fn watch_count(&self) -> watch::Receiver<usize> {
         self.inner.count.subscribe()
     }
 
-    /// The workers registered so far, in registration order.
+    /// The registered workers, in slot order (the plan's order once every slot is taken).
     pub fn workers(&self) -> Vec<Registered> {
         self.inner
-            .workers
+            .slots
             .lock()
-            .map(|w| w.clone())
+            .map(|w| w.iter().flatten().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// Takes the worker out of slot `worker_id`, which the next registration gets; returns
+    /// the worker it held.
+    pub fn vacate(&self, worker_id: usize) -> Option<Registered> {
+        let mut slots = self.inner.slots.lock().ok()?;
+        let gone = slots.get_mut(worker_id)?.take();
+        self.inner
+            .count
+            .send_replace(slots.iter().flatten().count());
+        gone
     }
 
     fn register(
@@ -104,24 +118,24 @@ impl Membership {
             })?
         };
         let address = SocketAddr::new(ip, port);
-        let mut workers = self
+        let mut slots = self
             .inner
-            .workers
+            .slots
             .lock()
             .map_err(|_| Status::internal("registry lock poisoned"))?;
-        if workers.iter().any(|w| w.address == address) {
+        if slots.iter().flatten().any(|w| w.address == address) {
             return Err(Status::already_exists(format!(
                 "a worker at {address} is already registered"
             )));
         }
-        if workers.len() >= self.inner.capacity {
+        let Some(slot) = slots.iter().position(Option::is_none) else {
             return Err(Status::resource_exhausted(format!(
                 "the cluster has all {} workers it needs",
-                self.inner.capacity
+                slots.len()
             )));
-        }
+        };
         let w = Registered {
-            worker_id: workers.len(),
+            worker_id: slot,
             address,
             backend: if req.backend.is_empty() {
                 "cpu".into()
@@ -130,9 +144,12 @@ impl Membership {
             },
             hostname: req.hostname.clone(),
             memory_available_bytes: req.memory_available_bytes,
+            pid: req.pid,
         };
-        workers.push(w.clone());
-        self.inner.count.send_replace(workers.len());
+        slots[slot] = Some(w.clone());
+        self.inner
+            .count
+            .send_replace(slots.iter().flatten().count());
         Ok(w)
     }
 }
@@ -172,6 +189,7 @@ mod tests {
             threads: 1,
             hostname: "h".into(),
             memory_available_bytes: 1 << 30,
+            pid: 0,
         }
     }
 
@@ -189,6 +207,30 @@ mod tests {
         let e = m.register(&req(7003, ""), Some(peer)).unwrap_err();
         assert_eq!(e.code(), tonic::Code::ResourceExhausted);
         assert_eq!(*m.watch_count().borrow(), 2);
+    }
+
+    #[test]
+    fn a_vacated_slot_goes_to_the_next_registration() {
+        let m = Membership::new(3, 9, 1000);
+        for port in [7001, 7002, 7003] {
+            m.register(&req(port, "10.0.0.1"), None).unwrap();
+        }
+        let gone = m.vacate(1).unwrap();
+        assert_eq!(gone.address, "10.0.0.1:7002".parse().unwrap());
+        assert_eq!(*m.watch_count().borrow(), 2);
+        assert!(m.vacate(1).is_none(), "already vacant");
+        let e = m.register(&req(7001, "10.0.0.1"), None).unwrap_err();
+        assert_eq!(
+            e.code(),
+            tonic::Code::AlreadyExists,
+            "slot 0 is still taken"
+        );
+        let new = m.register(&req(7004, "10.0.0.1"), None).unwrap();
+        assert_eq!(new.worker_id, 1, "the replacement takes the vacant shard");
+        let order: Vec<u16> = m.workers().iter().map(|w| w.address.port()).collect();
+        assert_eq!(order, [7001, 7004, 7003]);
+        let e = m.register(&req(7005, "10.0.0.1"), None).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
     }
 
     #[test]

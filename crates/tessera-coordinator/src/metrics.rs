@@ -34,6 +34,9 @@ pub const PREEMPTIONS: &str = "tessera_preemptions_total";
 pub const REQUESTS_FINISHED: &str = "tessera_requests_finished_total";
 /// Requests refused at submission, by `reason`: queue_full, too_long, unavailable.
 pub const REQUESTS_REJECTED: &str = "tessera_requests_rejected_total";
+/// Requests refused for want of a valid API key, by `api` (grpc, http) and `reason`
+/// (missing, malformed, invalid).
+pub const REQUESTS_UNAUTHENTICATED: &str = "tessera_requests_unauthenticated_total";
 /// Steps sent to the workers.
 pub const STEPS: &str = "tessera_steps_total";
 /// Wall time of a step as the coordinator sees it (fan-out to every worker and back).
@@ -42,6 +45,12 @@ pub const STEP_DURATION: &str = "tessera_step_duration_seconds";
 pub const STEP_TOKENS: &str = "tessera_step_tokens";
 /// Compute time of one step on one worker, labelled `stage` and `tp_rank`.
 pub const WORKER_STEP_DURATION: &str = "tessera_worker_step_seconds";
+/// Workers found dead or hung and taken out of the cluster.
+pub const WORKER_FAILURES: &str = "tessera_worker_failures_total";
+/// Times the cluster was rebuilt after losing workers and went on serving.
+pub const RECOVERIES: &str = "tessera_recoveries_total";
+/// From a failure's detection to serving again.
+pub const RECOVERY_DURATION: &str = "tessera_recovery_seconds";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -60,12 +69,13 @@ pub fn recorder() -> Option<&'static PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let buckets: [(&str, &[f64]); 6] = [
+            let buckets: [(&str, &[f64]); 7] = [
                 (TIME_TO_FIRST_TOKEN, LATENCY_BUCKETS),
                 (TIME_PER_OUTPUT_TOKEN, LATENCY_BUCKETS),
                 (STEP_DURATION, LATENCY_BUCKETS),
                 (WORKER_STEP_DURATION, LATENCY_BUCKETS),
                 (REQUEST_DURATION, DURATION_BUCKETS),
+                (RECOVERY_DURATION, DURATION_BUCKETS),
                 (STEP_TOKENS, TOKEN_BUCKETS),
             ];
             let builder = buckets
@@ -78,7 +88,14 @@ pub fn recorder() -> Option<&'static PrometheusHandle> {
             describe();
             // Counters are exported from the start, at 0, so that a rate over them has a
             // first sample (and a dashboard shows "no preemptions" rather than nothing).
-            for name in [PREEMPTIONS, GENERATED_TOKENS, PROMPT_TOKENS, STEPS] {
+            for name in [
+                PREEMPTIONS,
+                GENERATED_TOKENS,
+                PROMPT_TOKENS,
+                STEPS,
+                WORKER_FAILURES,
+                RECOVERIES,
+            ] {
                 metrics::counter!(name).absolute(0);
             }
             Some(handle)
@@ -125,6 +142,10 @@ fn describe() {
     );
     describe_counter!(REQUESTS_FINISHED, "Requests that ended, by reason");
     describe_counter!(REQUESTS_REJECTED, "Requests refused on arrival, by reason");
+    describe_counter!(
+        REQUESTS_UNAUTHENTICATED,
+        "Requests refused for want of a valid API key, by API and reason"
+    );
     describe_counter!(STEPS, "Steps sent to the workers");
     describe_histogram!(
         STEP_DURATION,
@@ -132,6 +153,19 @@ fn describe() {
         "Wall time of a step at the coordinator (fan-out and reply)"
     );
     describe_histogram!(STEP_TOKENS, "New tokens in a step");
+    describe_counter!(
+        WORKER_FAILURES,
+        "Workers found dead or hung and taken out of the cluster"
+    );
+    describe_counter!(
+        RECOVERIES,
+        "Rebuilds of the cluster after a worker was lost"
+    );
+    describe_histogram!(
+        RECOVERY_DURATION,
+        Unit::Seconds,
+        "From detecting a lost worker to serving again"
+    );
     describe_histogram!(
         WORKER_STEP_DURATION,
         Unit::Seconds,

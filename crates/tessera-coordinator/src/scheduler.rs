@@ -18,6 +18,14 @@
 //! streamed. The kernels give a row the same result whatever else is in its step, so a
 //! request's tokens do not depend on batching, chunking or preemption. The coordinator's
 //! record of every sequence (prompt and generated tokens) lives here.
+//!
+//! When a worker is lost (a step fails, or the health monitor finds it silent) the
+//! cluster is `Recovering`: the step in flight is abandoned (it streamed nothing), every
+//! running sequence goes back to the head of the queue as if preempted, and the
+//! scheduler waits, still ending requests whose client goes or whose deadline passes and
+//! queueing new ones. Once the cluster is rebuilt it takes the new workers and prefills
+//! each sequence again from its record, so the streams go on with no token missing or
+//! repeated.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,7 +36,7 @@ use metrics::{counter, gauge, histogram};
 use tessera_model::Tokenizer;
 use tessera_proto::v1::{FinishReason, GenerateStreamResponse};
 use tessera_proto::worker::v1 as pb;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tonic::Status;
 use tracing::{debug, warn};
 
@@ -36,8 +44,11 @@ use crate::blocks::BlockManager;
 use crate::detok::TextStream;
 use crate::error::CoordinatorError;
 use crate::metrics as m;
-use crate::state::{fail, ClusterState, StateRx, StateTx};
-use crate::workers::ShardedClient;
+use crate::state::{recover, ClusterState, StateRx, StateTx};
+use crate::workers::{ShardedClient, WARM_UP_STEP_ID};
+
+/// While the cluster recovers, how often requests' deadlines and clients are checked.
+const RECOVERY_POLL: Duration = Duration::from_millis(50);
 
 /// One validated generation request.
 #[derive(Debug, Clone, PartialEq)]
@@ -232,6 +243,8 @@ pub struct Scheduler {
     running: Vec<Sequence>,
     blocks: BlockManager,
     limits: BatchLimits,
+    /// The cluster's workers; replaced by a rebuilt set after a recovery.
+    cluster: watch::Receiver<ShardedClient>,
     workers: ShardedClient,
     worker_labels: Vec<(String, String)>,
     tokenizer: Arc<Tokenizer>,
@@ -248,16 +261,17 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// A scheduler over `workers`, whose KV caches hold `blocks`; and its handle.
+    /// A scheduler over the workers `cluster` holds (each set warmed up with step
+    /// [`WARM_UP_STEP_ID`]), whose KV caches hold `blocks`; and its handle.
     pub fn new(
-        workers: ShardedClient,
+        mut cluster: watch::Receiver<ShardedClient>,
         blocks: BlockManager,
         limits: BatchLimits,
         tokenizer: Arc<Tokenizer>,
         eos: u32,
         state_tx: StateTx,
-        first_step_id: u64,
     ) -> (Scheduler, SchedulerHandle) {
+        let workers = cluster.borrow_and_update().clone();
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let state = state_tx.subscribe();
@@ -269,11 +283,7 @@ impl Scheduler {
             kv_capacity_tokens: blocks.total() * blocks.block_tokens(),
             block_tokens: blocks.block_tokens(),
         };
-        let worker_labels = workers
-            .workers
-            .iter()
-            .map(|w| (w.spec.stage.to_string(), w.spec.tp_rank.to_string()))
-            .collect();
+        let worker_labels = labels(&workers);
         let s = Scheduler {
             rx,
             queued,
@@ -281,6 +291,7 @@ impl Scheduler {
             running: Vec::new(),
             blocks,
             limits,
+            cluster,
             workers,
             worker_labels,
             tokenizer,
@@ -288,7 +299,7 @@ impl Scheduler {
             state_tx,
             state,
             next_seq: 0,
-            step_id: first_step_id,
+            step_id: WARM_UP_STEP_ID,
             timing: StepTiming::default(),
             recent_step: Duration::ZERO,
             preemptions: 0,
@@ -315,6 +326,22 @@ impl Scheduler {
                 self.enqueue(s);
             }
             let state = self.state.borrow().clone();
+            if let ClusterState::Recovering(_) = state {
+                self.requeue_running();
+                self.drop_gone();
+                self.publish();
+                tokio::select! {
+                    changed = self.state.changed() => {
+                        if changed.is_err() { break; }
+                    }
+                    sub = self.rx.recv() => match sub {
+                        Some(s) => self.enqueue(s),
+                        None => break,
+                    },
+                    _ = tokio::time::sleep(RECOVERY_POLL) => {}
+                }
+                continue;
+            }
             if let Some(e) = state.refusal() {
                 self.fail_all(&e);
                 self.publish();
@@ -322,6 +349,9 @@ impl Scheduler {
                     break;
                 }
                 continue;
+            }
+            if self.cluster.has_changed().unwrap_or(false) {
+                self.adopt();
             }
             self.drop_gone();
             let plan = self.schedule();
@@ -363,6 +393,25 @@ impl Scheduler {
             preempted: false,
             last_token_at: None,
         });
+    }
+
+    /// Takes the rebuilt cluster's workers, which expect the step after their warm-up.
+    fn adopt(&mut self) {
+        self.workers = self.cluster.borrow_and_update().clone();
+        self.worker_labels = labels(&self.workers);
+        self.step_id = WARM_UP_STEP_ID;
+    }
+
+    /// After a worker is lost every KV cache is gone with the collective group: each
+    /// running sequence goes back to the head of the queue, oldest first, to be prefilled
+    /// again from the coordinator's record once the cluster is rebuilt.
+    fn requeue_running(&mut self) {
+        while let Some(mut seq) = self.running.pop() {
+            self.blocks.release(std::mem::take(&mut seq.blocks));
+            seq.cached = 0;
+            seq.preempted = true;
+            self.waiting.push_front(seq);
+        }
     }
 
     /// Gauges of the batch and the cache.
@@ -560,8 +609,8 @@ impl Scheduler {
         };
         let reply = match outcome {
             None => {
-                // The health monitor marked the cluster failed while the step ran; the
-                // next turn of the loop ends every sequence with its message.
+                // The health monitor found a worker lost while the step ran; the next
+                // turn of the loop puts the sequences back in the queue.
                 return;
             }
             Some(Err(f)) if f.invalid => {
@@ -573,7 +622,7 @@ impl Scheduler {
                 return;
             }
             Some(Err(f)) => {
-                fail(&self.state_tx, f.message);
+                recover(&self.state_tx, f.message);
                 return;
             }
             Some(Ok(reply)) => reply,
@@ -732,10 +781,18 @@ impl Scheduler {
     }
 }
 
+/// The `(stage, tp_rank)` labels of each worker's metrics, in plan order.
+fn labels(workers: &ShardedClient) -> Vec<(String, String)> {
+    workers
+        .workers
+        .iter()
+        .map(|w| (w.spec.stage.to_string(), w.spec.tp_rank.to_string()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::sync::watch;
 
     const EOS: u32 = 50256;
 
@@ -746,13 +803,12 @@ mod tests {
     ) -> (Scheduler, SchedulerHandle) {
         let (state_tx, _) = watch::channel(ClusterState::Serving);
         Scheduler::new(
-            ShardedClient::new(Vec::new(), 1),
+            watch::channel(ShardedClient::new(Vec::new(), 1)).1,
             BlockManager::new(blocks, block_tokens),
             limits,
             Arc::new(Tokenizer::gpt2()),
             EOS,
             state_tx,
-            1,
         )
     }
 
@@ -960,6 +1016,42 @@ mod tests {
         assert_eq!(ids.len(), 4);
         assert_eq!(drain(&mut b).0.len(), 3);
         assert_eq!(s.preemptions, 1);
+        assert_eq!(s.blocks.used(), 0);
+    }
+
+    #[test]
+    fn after_a_lost_worker_every_sequence_is_prefilled_again_in_order() {
+        let (mut s, h) = scheduler(64, 4, limits(8, 64));
+        let mut a = h.submit(params(5, 6)).unwrap();
+        let mut b = h.submit(params(3, 6)).unwrap();
+        turn(&mut s, 7);
+        turn(&mut s, 8);
+        assert_eq!(s.blocks.used(), 2 + 1, "6 and 4 tokens cached");
+        // The cluster loses a worker: the KV caches are gone.
+        s.requeue_running();
+        assert!(s.running.is_empty());
+        assert_eq!(s.blocks.used(), 0);
+        let order: Vec<u64> = s.waiting.iter().map(|q| q.id).collect();
+        assert_eq!(order, [0, 1], "oldest first");
+        assert!(s.waiting.iter().all(|q| q.cached == 0));
+        s.adopt();
+        assert_eq!(
+            s.step_id, WARM_UP_STEP_ID,
+            "the rebuilt workers' next step follows their warm-up"
+        );
+        assert_eq!(
+            turn(&mut s, 9),
+            vec![(0, 5 + 2, true), (1, 3 + 2, true)],
+            "each prefills its prompt and its 2 generated tokens, then samples"
+        );
+        while !s.running.is_empty() || !s.waiting.is_empty() {
+            turn(&mut s, 9);
+        }
+        for rx in [&mut a, &mut b] {
+            let (ids, err) = drain(rx);
+            assert!(err.is_none(), "{err:?}");
+            assert_eq!(ids, [7, 8, 9, 9, 9, 9], "no token lost or repeated");
+        }
         assert_eq!(s.blocks.used(), 0);
     }
 

@@ -1,28 +1,50 @@
 //! Bring-up and the life of a coordinator: listen, wait for the workers, assign their
-//! shards, open their collectives, load, warm up, serve, watch their health.
+//! shards, open their collectives, load, warm up, serve, watch their health, and rebuild
+//! the cluster when a worker is lost.
+//!
+//! Recovery: a failed step or a silent worker puts the cluster in `Recovering`. The
+//! workers that do not answer a health check within the worker timeout are taken out of
+//! their slots (and reported on [`Coordinator::take_vacated`], so a supervisor can end a
+//! hung process); the others are released keeping their weights, which breaks their
+//! collectives. The next workers to register get the vacant shards, bring-up runs again
+//! on every worker with the same KV-cache size (a survivor takes its new collective group
+//! without reading its weights again), and the scheduler takes the new set and prefills
+//! its sequences again. Past the recovery timeout the waiting requests end with UNAVAILABLE
+//! (`Failed`), and the cluster goes on waiting for a replacement.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use metrics::{counter, histogram};
 use tessera_model::{ModelConfig, ShardPlan, Tokenizer};
 use tessera_proto::v1::generation_server::GenerationServer;
 use tessera_proto::v1::{ModelInfoResponse, WorkerInfo};
 use tessera_proto::worker::v1 as pb;
 use tessera_proto::worker::v1::cluster_server::ClusterServer;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
+/// How long a recovery waits for a worker to answer a health check before it takes the
+/// worker out (a live worker answers in milliseconds, even mid-step; the failure was
+/// already detected, so this only tells the lost from the survivors).
+const RECOVERY_PROBE: Duration = Duration::from_secs(2);
+/// Pause before a recovery tries the same workers again.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
+
 use crate::api::GenerationService;
+use crate::auth::{ApiKeys, GrpcAuth};
 use crate::blocks::BlockManager;
 use crate::config::{defaults, CoordinatorConfig, ModelSource};
 use crate::error::StartError;
-use crate::membership::Membership;
+use crate::membership::{Membership, Registered};
+use crate::metrics as m;
 use crate::scheduler::{BatchLimits, Scheduler};
-use crate::state::{fail, ClusterState, StateRx, StateTx};
+use crate::state::{fail, recover, ClusterState, StateRx, StateTx};
 use crate::workers::{ShardedClient, WorkerClient};
 
 /// A running coordinator.
@@ -31,6 +53,7 @@ pub struct Coordinator {
     http_addr: Option<SocketAddr>,
     state: StateRx,
     stop: watch::Sender<bool>,
+    vacated: Option<mpsc::UnboundedReceiver<Registered>>,
     task: JoinHandle<Result<(), StartError>>,
 }
 
@@ -63,6 +86,15 @@ impl Coordinator {
         config.validate()?;
         crate::metrics::recorder();
         let model = open_model(&config.model)?;
+        let api_keys = config
+            .api_key_file
+            .as_deref()
+            .map(ApiKeys::load)
+            .transpose()?;
+        if let Some(keys) = &api_keys {
+            info!("the public APIs require one of {} API keys", keys.len());
+        }
+        let api_keys = api_keys.map(Arc::new);
         let plan = ShardPlan::new(&model.config, config.tp, config.pp)?;
         if let Some(bytes) = config.kv_cache_bytes {
             // An explicit size that cannot hold a block of the smallest elements (bf16) is
@@ -121,10 +153,11 @@ impl Coordinator {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha)
-            .add_service(
+            .add_service(InterceptedService::new(
                 GenerationServer::new(api.clone())
                     .max_decoding_message_size(defaults::MAX_MESSAGE_BYTES),
-            )
+                GrpcAuth::new(api_keys.clone()),
+            ))
             .add_service(ClusterServer::new(membership.clone()))
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -146,23 +179,13 @@ impl Coordinator {
                     source,
                 })?;
                 let mut rx = stop_rx.clone();
-                let app = crate::http::router(api.clone());
+                let read_timeout = config.http_read_timeout;
+                let app = crate::http::router(api.clone(), api_keys.clone(), read_timeout);
                 let task = tokio::spawn(async move {
                     let stopped = async move {
                         let _ = rx.wait_for(|s| *s).await;
                     };
-                    // Without TCP_NODELAY each streamed event after the first waits for
-                    // the client's delayed ACK (up to 40 ms on Linux), which bunches
-                    // tokens and adds that much to the time to first token.
-                    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                        let _ = tcp.set_nodelay(true);
-                    });
-                    if let Err(e) = axum::serve(listener, app)
-                        .with_graceful_shutdown(stopped)
-                        .await
-                    {
-                        warn!("HTTP server: {e}");
-                    }
+                    crate::http::serve(listener, app, read_timeout, stopped).await;
                 });
                 info!(%addr, "OpenAI-compatible HTTP API listening");
                 Some((addr, task))
@@ -192,6 +215,7 @@ impl Coordinator {
         }
         info!(%addr, "coordinator listening (gRPC API and worker registration)");
 
+        let (vacated_tx, vacated) = mpsc::unbounded_channel();
         let bring_up = BringUp {
             config,
             model_config: model.config,
@@ -204,6 +228,8 @@ impl Coordinator {
             api,
             state_tx,
             stop: stop_rx,
+            vacated: vacated_tx,
+            recovering: None,
         };
         let task = tokio::spawn(async move {
             let result = bring_up.run().await;
@@ -219,6 +245,7 @@ impl Coordinator {
             http_addr,
             state: state_rx,
             stop,
+            vacated: Some(vacated),
             task,
         })
     }
@@ -236,6 +263,13 @@ impl Coordinator {
     /// The cluster's state, to watch for `Serving` or `Failed`.
     pub fn state(&self) -> StateRx {
         self.state.clone()
+    }
+
+    /// The workers taken out of the cluster because they died or hung, as they are found;
+    /// `None` after the first call. A supervisor of worker processes ends the ones that
+    /// still run (a hung process) so it can start replacements.
+    pub fn take_vacated(&mut self) -> Option<mpsc::UnboundedReceiver<Registered>> {
+        self.vacated.take()
     }
 
     /// A handle that stops the coordinator when sent `true`.
@@ -266,6 +300,10 @@ struct BringUp {
     api: GenerationService,
     state_tx: StateTx,
     stop: watch::Receiver<bool>,
+    /// Where workers taken out of the cluster are reported.
+    vacated: mpsc::UnboundedSender<Registered>,
+    /// While recovering: the failure that started it.
+    recovering: Option<String>,
 }
 
 impl BringUp {
@@ -285,8 +323,9 @@ impl BringUp {
                 return Err(e);
             }
         };
+        let (cluster_tx, cluster) = watch::channel(workers);
         let (scheduler, handle) = Scheduler::new(
-            workers.clone(),
+            cluster.clone(),
             BlockManager::new(self.kv_blocks, self.config.kv_block_tokens),
             BatchLimits {
                 max_seqs: self.config.max_batch_seqs,
@@ -296,9 +335,8 @@ impl BringUp {
             self.tokenizer.clone(),
             self.model_config.eos_token_id,
             self.state_tx.clone(),
-            1,
         );
-        self.api.serve(handle, self.model_info(&workers));
+        self.api.serve(handle, self.model_info(&cluster.borrow()));
         self.state_tx.send_replace(ClusterState::Serving);
         info!(
             model = %self.model_config.name,
@@ -310,12 +348,30 @@ impl BringUp {
         );
         let scheduler = tokio::spawn(scheduler.run());
         let monitor = tokio::spawn(monitor(
-            workers.clone(),
+            cluster.clone(),
             self.state_tx.clone(),
             self.config.heartbeat,
             self.config.worker_timeout,
         ));
-        let _ = stop.wait_for(|s| *s).await;
+        // Serve, rebuilding the cluster each time a worker is lost, until stopped.
+        let mut state = self.state_tx.subscribe();
+        loop {
+            let lost = tokio::select! {
+                r = state.wait_for(|s| matches!(s, ClusterState::Recovering(_))) => r.is_ok(),
+                _ = stop.wait_for(|s| *s) => false,
+            };
+            if !lost {
+                break;
+            }
+            let current = cluster.borrow().clone();
+            let rebuilt = tokio::select! {
+                w = self.recover(current) => w,
+                _ = stop.wait_for(|s| *s) => break,
+            };
+            self.api.set_info(self.model_info(&rebuilt));
+            cluster_tx.send_replace(rebuilt);
+            self.state_tx.send_replace(ClusterState::Serving);
+        }
         self.state_tx.send_replace(ClusterState::Stopping);
         monitor.abort();
         if let Ok(timing) = scheduler.await {
@@ -328,12 +384,144 @@ impl BringUp {
                 );
             }
         }
+        let workers = cluster.borrow().clone();
         workers.release().await;
         Ok(())
     }
 
+    /// Rebuilds the cluster after a worker was lost, and returns the new set of workers,
+    /// warmed up. Each attempt takes the workers that do not answer out of their slots,
+    /// releases the others, waits for every slot to be taken, and brings all of them up
+    /// again; an attempt that fails (another worker lost meanwhile, a replacement that
+    /// cannot load) starts over. Once the recovery timeout passes, the cluster is marked
+    /// failed, which ends the waiting requests, and recovery goes on.
+    async fn recover(&mut self, mut workers: ShardedClient) -> ShardedClient {
+        let started = Instant::now();
+        let deadline = started + self.config.recovery_timeout;
+        let cause = match &*self.state_tx.borrow() {
+            ClusterState::Recovering(why) => why.clone(),
+            other => format!("{other:?}"),
+        };
+        self.recovering = Some(cause.clone());
+        loop {
+            let dead = workers
+                .unreachable(self.config.worker_timeout.min(RECOVERY_PROBE))
+                .await;
+            for &i in &dead {
+                counter!(m::WORKER_FAILURES).increment(1);
+                warn!(worker = %workers.workers[i].name(), "worker lost; its shard is vacant");
+                if let Some(gone) = self.membership.vacate(i) {
+                    let _ = self.vacated.send(gone);
+                }
+            }
+            let alive: Vec<usize> = (0..workers.workers.len())
+                .filter(|i| !dead.contains(i))
+                .collect();
+            // The survivors keep their weights: each is assigned the same shard again.
+            workers.release_only(&alive, true).await;
+            if dead.is_empty() {
+                // Nobody to replace: the failure was the step's own (a worker that failed
+                // it and lives on). Pause before trying the same workers again.
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            if let Err(e) = self.await_replacements(&workers, &dead, deadline).await {
+                warn!("recovery: {e}");
+                continue;
+            }
+            let attempt = match self.clients() {
+                Ok(w) => w,
+                Err(e) => {
+                    warn!("recovery: {e}");
+                    continue;
+                }
+            };
+            workers = attempt;
+            match self.bring_up_workers(&mut workers).await {
+                Ok(()) => {
+                    let took = started.elapsed();
+                    counter!(m::RECOVERIES).increment(1);
+                    histogram!(m::RECOVERY_DURATION).record(took.as_secs_f64());
+                    info!(
+                        ms = took.as_millis() as u64,
+                        "cluster rebuilt after losing a worker ({cause}); serving again"
+                    );
+                    self.recovering = None;
+                    return workers;
+                }
+                Err(e) => {
+                    warn!("recovery: bringing the workers up again failed: {e}");
+                    let all: Vec<usize> = (0..workers.workers.len()).collect();
+                    workers.release_only(&all, true).await;
+                    if Instant::now() >= deadline {
+                        self.give_up_waiting(&format!("the rebuilt cluster failed: {e}"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits until every slot is taken. Past `deadline` the cluster is marked failed (the
+    /// waiting requests end with UNAVAILABLE) and the wait goes on.
+    async fn await_replacements(
+        &self,
+        old: &ShardedClient,
+        vacant: &[usize],
+        deadline: Instant,
+    ) -> Result<(), StartError> {
+        let world = self.plan.world_size();
+        let mut count = self.membership.watch_count();
+        loop {
+            let n = *count.borrow_and_update();
+            if n >= world {
+                return Ok(());
+            }
+            let shards: Vec<String> = vacant.iter().map(|&i| old.workers[i].name()).collect();
+            self.starting(format!(
+                "waiting for {} worker(s) to take over from {}",
+                world - n,
+                shards.join(", ")
+            ));
+            if Instant::now() >= deadline {
+                self.give_up_waiting(&format!(
+                    "no worker took over from {} within {} s",
+                    shards.join(", "),
+                    self.config.recovery_timeout.as_secs_f64()
+                ));
+                if count.changed().await.is_err() {
+                    return Err(StartError::BringUp("registry closed".into()));
+                }
+            } else if let Ok(Err(_)) =
+                tokio::time::timeout_at(deadline.into(), count.changed()).await
+            {
+                return Err(StartError::BringUp("registry closed".into()));
+            }
+        }
+    }
+
+    /// Ends the requests waiting on a recovery that is taking too long: the cluster is
+    /// marked failed, which the scheduler answers with UNAVAILABLE, and new requests are
+    /// refused until it serves again.
+    fn give_up_waiting(&self, why: &str) {
+        let cause = self.recovering.clone().unwrap_or_default();
+        fail(&self.state_tx, format!("{cause}; {why}"));
+    }
+
+    /// Says how far bring-up (or a recovery) got.
     fn starting(&self, what: String) {
-        self.state_tx.send_replace(ClusterState::Starting(what));
+        match &self.recovering {
+            None => {
+                self.state_tx.send_replace(ClusterState::Starting(what));
+            }
+            Some(cause) => {
+                self.state_tx.send_if_modified(|s| match s {
+                    ClusterState::Recovering(_) => {
+                        *s = ClusterState::Recovering(format!("{cause}; {what}"));
+                        true
+                    }
+                    _ => false,
+                });
+            }
+        }
     }
 
     async fn bring_up(&mut self) -> Result<ShardedClient, StartError> {
@@ -369,18 +557,31 @@ impl BringUp {
             "KV cache: {}",
             sizing.why
         );
+        let mut workers = self.clients()?;
+        let result = self.bring_up_workers(&mut workers).await;
+        if result.is_err() {
+            workers.release().await;
+        }
+        result.map(|()| workers)
+    }
+
+    /// Clients of the registered workers, one per shard of the plan.
+    fn clients(&self) -> Result<ShardedClient, StartError> {
+        let registered = self.membership.workers();
+        if registered.len() != self.plan.world_size() {
+            return Err(StartError::BringUp(format!(
+                "{} of {} workers registered",
+                registered.len(),
+                self.plan.world_size()
+            )));
+        }
         let clients = registered
             .iter()
             .zip(&self.plan.shards)
             .map(|(r, s)| WorkerClient::new(r, s.clone()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(StartError::BringUp)?;
-        let mut workers = ShardedClient::new(clients, self.generation);
-        let result = self.bring_up_workers(&mut workers).await;
-        if result.is_err() {
-            workers.release().await;
-        }
-        result.map(|()| workers)
+        Ok(ShardedClient::new(clients, self.generation))
     }
 
     async fn bring_up_workers(&self, workers: &mut ShardedClient) -> Result<(), StartError> {
@@ -457,6 +658,7 @@ impl BringUp {
                 worker = %w.name(),
                 weight_bytes = l.weight_bytes,
                 load_ms = l.load_ms,
+                reused = l.reused,
                 "shard loaded"
             );
         }
@@ -464,7 +666,7 @@ impl BringUp {
         self.starting("warming up".into());
         let warm = pb::StepRequest {
             generation,
-            step_id: 1,
+            step_id: crate::workers::WARM_UP_STEP_ID,
             seqs: vec![pb::SeqStep {
                 seq_id: 0,
                 tokens: vec![self.model_config.eos_token_id],
@@ -519,8 +721,13 @@ impl BringUp {
 }
 
 /// Checks every worker's health each `every`; a worker that fails or does not answer
-/// within `timeout` fails the cluster, which aborts the step in flight.
-async fn monitor(workers: ShardedClient, state: StateTx, every: Duration, timeout: Duration) {
+/// within `timeout` starts a recovery, which abandons the step in flight.
+async fn monitor(
+    mut cluster: watch::Receiver<ShardedClient>,
+    state: StateTx,
+    every: Duration,
+    timeout: Duration,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -528,9 +735,12 @@ async fn monitor(workers: ShardedClient, state: StateTx, every: Duration, timeou
         if *state.borrow() != ClusterState::Serving {
             continue;
         }
+        let workers = cluster.borrow_and_update().clone();
         if let Err(message) = workers.health(timeout).await {
-            warn!("health check failed: {message}");
-            fail(&state, message);
+            // A check that straddled a recovery speaks of the old workers.
+            if !cluster.has_changed().unwrap_or(true) {
+                recover(&state, message);
+            }
         }
     }
 }

@@ -9,7 +9,11 @@ pub enum ClusterState {
     Starting(String),
     /// Every worker is ready.
     Serving,
-    /// A worker failed; the text names it. New requests are refused.
+    /// A worker was lost (the text names it and how far the rebuild got): the running
+    /// sequences wait, and new requests queue, until a replacement has its shard.
+    Recovering(String),
+    /// Bring-up failed, or no replacement came within the recovery timeout (the cluster
+    /// still takes one that comes later); the text says why. New requests are refused.
     Failed(String),
     /// The coordinator is stopping.
     Stopping,
@@ -20,7 +24,7 @@ impl ClusterState {
     pub fn refusal(&self) -> Option<crate::CoordinatorError> {
         use crate::CoordinatorError::{Cancelled, Unavailable};
         match self {
-            ClusterState::Serving => None,
+            ClusterState::Serving | ClusterState::Recovering(_) => None,
             ClusterState::Starting(s) => Some(Unavailable(format!("the cluster is starting: {s}"))),
             ClusterState::Failed(s) => Some(Unavailable(format!("the cluster has failed: {s}"))),
             ClusterState::Stopping => Some(Cancelled("the server is shutting down".into())),
@@ -32,6 +36,20 @@ impl ClusterState {
 pub type StateTx = watch::Sender<ClusterState>;
 /// A view of the shared state cell.
 pub type StateRx = watch::Receiver<ClusterState>;
+
+/// Starts a recovery for `message` unless one is under way, the cluster has already
+/// failed, or it is stopping.
+pub fn recover(state: &StateTx, message: String) {
+    state.send_if_modified(|s| {
+        if matches!(s, ClusterState::Serving) {
+            tracing::warn!("{message}; recovering");
+            *s = ClusterState::Recovering(message);
+            true
+        } else {
+            false
+        }
+    });
+}
 
 /// Marks the cluster failed unless it already is (the first failure is the one reported).
 pub fn fail(state: &StateTx, message: String) {

@@ -14,9 +14,15 @@ use tonic::{Code, Status};
 use crate::config::defaults;
 use crate::membership::Registered;
 
+/// The id of the warm-up step that ends every bring-up; the scheduler's first step
+/// follows it.
+pub const WARM_UP_STEP_ID: u64 = 1;
+
 /// One worker: its shard and a channel to its `Worker` service.
 #[derive(Clone)]
 pub struct WorkerClient {
+    /// How it registered.
+    pub registered: Registered,
     /// The shard it holds.
     pub spec: ShardSpec,
     /// Where its `Worker` service listens.
@@ -40,6 +46,7 @@ impl WorkerClient {
             .max_decoding_message_size(defaults::MAX_MESSAGE_BYTES * 4)
             .max_encoding_message_size(defaults::MAX_MESSAGE_BYTES * 4);
         Ok(WorkerClient {
+            registered: w.clone(),
             spec,
             address: w.address,
             backend: w.backend.clone(),
@@ -268,12 +275,38 @@ impl ShardedClient {
         reported.map_or(Ok(()), Err)
     }
 
+    /// The workers that do not answer a health check within `timeout` (in plan order):
+    /// those to take out of the cluster after a failure. A worker that answers is alive,
+    /// whatever state it reports; its peers fail their steps when one of them dies.
+    pub async fn unreachable(&self, timeout: Duration) -> Vec<usize> {
+        let probes = self
+            .workers
+            .iter()
+            .map(|w| w.probe(self.generation, timeout));
+        let answers = join_all(probes).await;
+        answers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| a.is_err().then_some(i))
+            .collect()
+    }
+
     /// Asks every worker to drop its shard; errors are ignored (the worker may be gone).
     pub async fn release(&self) {
-        let calls = self.workers.iter().map(|w| {
+        self.release_only(&(0..self.workers.len()).collect::<Vec<_>>(), false)
+            .await;
+    }
+
+    /// Asks the workers at `indices` to break their collectives and drop their shards, or
+    /// with `keep_weights` to keep them loaded for the same assignment; errors are ignored
+    /// (a worker may be gone).
+    pub async fn release_only(&self, indices: &[usize], keep_weights: bool) {
+        let calls = indices.iter().map(|&i| {
+            let w = &self.workers[i];
             let mut c = w.raw();
             let mut req = tonic::Request::new(pb::ReleaseRequest {
                 generation: self.generation,
+                keep_weights,
             });
             req.set_timeout(Duration::from_secs(2));
             async move { c.release(req).await }

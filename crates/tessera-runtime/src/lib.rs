@@ -13,7 +13,7 @@ pub mod step;
 
 pub use backend::{Backend, KvSpec, SeqSpan};
 pub use collective::{
-    local_group, Collective, LocalComm, TcpComm, TcpGroupSpec, TcpListenerHandle,
+    local_group, Collective, LocalComm, TcpAbort, TcpComm, TcpGroupSpec, TcpListenerHandle,
 };
 pub use cpu::CpuBackend;
 pub use dtype::WeightDtype;

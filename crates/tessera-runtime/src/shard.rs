@@ -232,6 +232,13 @@ impl<B: Backend> Shard<B> {
         self.weight_bytes
     }
 
+    /// Swaps in a new collective group (the cluster was rebuilt around this shard) and
+    /// returns the old one. The weights stay; the KV cache's contents are stale, and the
+    /// coordinator prefills every sequence again before reading them.
+    pub fn replace_comms(&mut self, comms: ShardComms) -> ShardComms {
+        std::mem::replace(&mut self.comms, comms)
+    }
+
     /// Runs one step. Returns the sampled tokens on the last stage's TP rank 0, `None` elsewhere.
     pub fn step(&mut self, req: &StepRequest) -> Result<Option<StepOutput>> {
         req.validate(&self.config, &self.kv_spec)?;

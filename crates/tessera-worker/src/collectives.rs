@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use tessera_runtime::{
-    Collective, RuntimeError, ShardComms, TcpComm, TcpGroupSpec, TcpListenerHandle,
+    Collective, RuntimeError, ShardComms, TcpAbort, TcpComm, TcpGroupSpec, TcpListenerHandle,
 };
 
 use crate::error::WorkerError;
@@ -77,8 +77,22 @@ pub struct Peers {
     pub io_timeout: Duration,
 }
 
+/// Breaks every connection of a worker's groups from outside the shard thread, so a step
+/// blocked on a hung peer ends at once when the coordinator releases the shard.
+#[derive(Debug, Default)]
+pub struct Abort(Vec<TcpAbort>);
+
+impl Abort {
+    /// Shuts every connection down.
+    pub fn abort(&self) {
+        for a in &self.0 {
+            a.abort();
+        }
+    }
+}
+
 /// Forms every group of this worker; blocks until all are up or the timeout passes.
-pub fn connect(listeners: Listeners, peers: &Peers) -> Result<ShardComms, WorkerError> {
+pub fn connect(listeners: Listeners, peers: &Peers) -> Result<(ShardComms, Abort), WorkerError> {
     let Listeners { tp, prev, next } = listeners;
     let group = |rank: usize, addrs: Vec<SocketAddr>| TcpGroupSpec {
         rank,
@@ -102,23 +116,21 @@ pub fn connect(listeners: Listeners, peers: &Peers) -> Result<ShardComms, Worker
             ))
         }
     };
-    let boxed = |c: TcpComm| Box::new(c) as Box<dyn Collective>;
     let (tp, prev, next) = std::thread::scope(|s| {
         let prev = prev
             .zip(prev_spec)
-            .map(|(l, spec)| s.spawn(move || TcpComm::connect(l, &spec).map(boxed)));
+            .map(|(l, spec)| s.spawn(move || TcpComm::connect(l, &spec)));
         let next = next
             .zip(next_spec)
-            .map(|(l, spec)| s.spawn(move || TcpComm::connect(l, &spec).map(boxed)));
-        let tp = TcpComm::connect(tp, &tp_spec).map(boxed);
-        let join =
-            |h: std::thread::ScopedJoinHandle<'_, tessera_runtime::Result<Box<dyn Collective>>>| {
-                h.join().unwrap_or_else(|_| {
-                    Err(RuntimeError::Collective(
-                        "a connecting thread panicked".into(),
-                    ))
-                })
-            };
+            .map(|(l, spec)| s.spawn(move || TcpComm::connect(l, &spec)));
+        let tp = TcpComm::connect(tp, &tp_spec);
+        let join = |h: std::thread::ScopedJoinHandle<'_, tessera_runtime::Result<TcpComm>>| {
+            h.join().unwrap_or_else(|_| {
+                Err(RuntimeError::Collective(
+                    "a connecting thread panicked".into(),
+                ))
+            })
+        };
         (tp, prev.map(join).transpose(), next.map(join).transpose())
     });
     let mut failures = Vec::new();
@@ -138,10 +150,22 @@ pub fn connect(listeners: Listeners, peers: &Peers) -> Result<ShardComms, Worker
     if let Err(e) = &next {
         note("link to the next stage", e);
     }
-    match (tp, prev, next) {
-        (Ok(tp), Ok(prev), Ok(next)) => Ok(ShardComms { tp, prev, next }),
-        _ => Err(RuntimeError::Collective(failures.join("; ")).into()),
+    let (Ok(tp), Ok(prev), Ok(next)) = (tp, prev, next) else {
+        return Err(RuntimeError::Collective(failures.join("; ")).into());
+    };
+    let mut aborts = vec![tp.abort_handle()?];
+    for c in prev.iter().chain(&next) {
+        aborts.push(c.abort_handle()?);
     }
+    let boxed = |c: TcpComm| Box::new(c) as Box<dyn Collective>;
+    Ok((
+        ShardComms {
+            tp: boxed(tp),
+            prev: prev.map(boxed),
+            next: next.map(boxed),
+        },
+        Abort(aborts),
+    ))
 }
 
 /// Parses `host:port`, resolving the host, for the request field `field`.
@@ -210,7 +234,7 @@ mod tests {
                         timeout: Duration::from_secs(5),
                         io_timeout: Duration::from_secs(5),
                     };
-                    s.spawn(move || connect(l, &peers).unwrap())
+                    s.spawn(move || connect(l, &peers).unwrap().0)
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()

@@ -280,7 +280,7 @@ pub async fn run_worker(
     {
         server.abort();
     }
-    service.release().await;
+    service.release(false).await;
     info!("worker stopped");
     outcome
 }
@@ -295,8 +295,8 @@ fn server_exit(
     }
 }
 
-/// Calls `Cluster.Register` until the coordinator answers, backing off while it is not
-/// reachable, for up to `coordinator_timeout`.
+/// Calls `Cluster.Register` until the coordinator takes the worker, backing off while it
+/// is not reachable or has no vacant slot, for up to `coordinator_timeout`.
 async fn register(
     opts: &WorkerOptions,
     endpoint: &Endpoint,
@@ -317,10 +317,12 @@ async fn register(
         threads: opts.threads.min(u32::MAX as usize) as u32,
         hostname,
         memory_available_bytes,
+        pid: std::process::id(),
     };
     let started = Instant::now();
     let deadline = started + opts.coordinator_timeout;
     let mut backoff = REGISTER_BACKOFF.0;
+    let mut last_error: Option<String> = None;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let attempt = async {
@@ -335,9 +337,15 @@ async fn register(
                 .map_err(Ok)
         };
         // `Err(Ok(status))`: the coordinator answered; `Err(Err(why))`: it could not be reached.
-        let last_error = match tokio::time::timeout(left, attempt).await {
+        let error = match tokio::time::timeout(left, attempt).await {
             Ok(Ok(registered)) => return Ok(registered),
-            Ok(Err(Ok(s))) if !matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded) => {
+            // A full cluster frees a slot when it loses a worker: keep trying.
+            Ok(Err(Ok(s)))
+                if !matches!(
+                    s.code(),
+                    Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted
+                ) =>
+            {
                 return Err(WorkerError::RegistrationRefused {
                     addr: opts.coordinator.clone(),
                     code: s.code(),
@@ -346,20 +354,22 @@ async fn register(
             }
             Ok(Err(Ok(s))) => s.message().to_string(),
             Ok(Err(Err(why))) => why,
-            Err(_) => "no answer".to_string(),
+            // An attempt cut short by the deadline says less than the one before it.
+            Err(_) => last_error.take().unwrap_or_else(|| "no answer".to_string()),
         };
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(WorkerError::CoordinatorUnreachable {
                 addr: opts.coordinator.clone(),
                 waited: opts.coordinator_timeout,
-                last_error,
+                last_error: error,
             });
         }
         tracing::debug!(
-            "coordinator at {} not reachable yet: {last_error}",
+            "coordinator at {} not reachable yet: {error}",
             opts.coordinator
         );
+        last_error = Some(error);
         tokio::time::sleep(backoff.min(left)).await;
         backoff = (backoff * 2).min(REGISTER_BACKOFF.1);
     }

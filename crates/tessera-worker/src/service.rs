@@ -9,7 +9,12 @@
 //! `Release` returns to `Idle` from any state. A bring-up call that fails, or a step that
 //! breaks the shard (a peer gone, a backend failure), leaves the worker `Failed` with the
 //! reason until `Release`; a step that is merely invalid is refused and the worker stays
-//! `Ready`. The slow transitions (connecting, loading) release the state lock while they
+//! `Ready`.
+//!
+//! A `Release` with `keep_weights` (the coordinator rebuilding the cluster after losing a
+//! worker) keeps a loaded shard aside, its connections broken. If the next `Assign` is for
+//! the same shard, `Load` gives it the new collective group instead of reading the
+//! weights again; any other `Assign` drops it first. The slow transitions (connecting, loading) release the state lock while they
 //! wait, so `Health` answers throughout; they report as the state they leave
 //! (`Assigned`, `Connected`), and an epoch, bumped by every `Assign` and `Release`,
 //! keeps a transition that finishes after a `Release` from touching the new state.
@@ -27,7 +32,7 @@ use tokio::sync::{watch, Mutex};
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument, warn};
 
-use crate::collectives::{self, Listeners, Peers};
+use crate::collectives::{self, Abort, Listeners, Peers};
 use crate::convert;
 use crate::error::WorkerError;
 use crate::memory;
@@ -116,8 +121,8 @@ enum State {
     Ready(ReadyShard),
     Failed {
         message: String,
-        /// A shard thread, held only to be joined at `Release`.
-        _shard: Option<ShardThread>,
+        /// The shard, to be joined (or kept) at `Release`.
+        shard: Option<Kept>,
     },
 }
 
@@ -145,9 +150,19 @@ impl State {
     }
 }
 
+/// A loaded shard and what it was loaded for.
+struct Kept {
+    load: LoadSpec,
+    shard: ShardThread,
+}
+
 struct Machine {
     epoch: u64,
     state: State,
+    /// A loaded shard kept by a `Release` for the next assignment, if it is the same.
+    retained: Option<Kept>,
+    /// Breaks the shard's connections, once they are open.
+    abort: Option<Abort>,
 }
 
 impl Machine {
@@ -158,17 +173,10 @@ impl Machine {
         }
     }
 
-    /// Moves to `Failed`, keeping a shard thread (if any) to join at `Release`.
-    fn fail(&mut self, message: String, shard: Option<ShardThread>) {
+    /// Moves to `Failed`, keeping the shard (if any) for `Release` to join or keep.
+    fn fail(&mut self, message: String, shard: Option<Kept>) {
         warn!("worker failed: {message}");
-        let shard = shard.map(|mut s| {
-            s.close();
-            s
-        });
-        self.state = State::Failed {
-            message,
-            _shard: shard,
-        };
+        self.state = State::Failed { message, shard };
     }
 }
 
@@ -203,6 +211,8 @@ impl WorkerService {
                 machine: Mutex::new(Machine {
                     epoch: 0,
                     state: State::Idle,
+                    retained: None,
+                    abort: None,
                 }),
                 bind_ip,
                 device,
@@ -215,13 +225,39 @@ impl WorkerService {
         &self.inner.contact
     }
 
-    /// Drops the shard and its connections, joining the shard thread.
-    pub(crate) async fn release(&self) {
+    /// Drops the shard's connections and the shard itself, joining the shard thread, or
+    /// with `keep_weights` keeps a loaded shard aside for the next assignment.
+    pub(crate) async fn release(&self, keep_weights: bool) {
         let mut m = self.inner.machine.lock().await;
         let old = std::mem::replace(&mut m.state, State::Idle);
         m.epoch += 1;
-        // Joining waits for the steps already sent, which a broken collective bounds.
-        let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+        // A step may be blocked on a peer that hangs; breaking the connections ends it,
+        // so joining the shard thread waits only for steps that can finish.
+        if let Some(abort) = m.abort.take() {
+            abort.abort();
+        }
+        let loaded = match old {
+            State::Ready(r) => Some(Kept {
+                load: r.assignment.load,
+                shard: r.shard,
+            }),
+            State::Failed { shard, .. } => shard,
+            other => {
+                let _ = tokio::task::spawn_blocking(move || drop(other)).await;
+                None
+            }
+        };
+        let previous = m.retained.take();
+        match loaded {
+            Some(k) if keep_weights && k.shard.is_alive() => {
+                info!("shard kept for the next assignment");
+                m.retained = Some(k);
+            }
+            other => {
+                let _ = tokio::task::spawn_blocking(move || drop(other)).await;
+            }
+        }
+        let _ = tokio::task::spawn_blocking(move || drop(previous)).await;
     }
 
     /// Admits a call that carries this worker's generation, counting it as contact with
@@ -254,6 +290,22 @@ impl WorkerService {
             return Err(m.wrong_state("Assign"));
         }
         let assignment = validate_assignment(&req, &self.inner.device)?;
+        let reuse = m
+            .retained
+            .as_ref()
+            .is_some_and(|k| k.load == assignment.load && k.shard.is_alive());
+        if !reuse {
+            let stale = m.retained.take();
+            let _ = tokio::task::spawn_blocking(move || drop(stale)).await;
+            // A simulated shard allocates nothing here; it checks its device's memory at
+            // load. A kept shard already holds its memory.
+            if matches!(self.inner.device, Device::Cpu { .. }) {
+                let load = &assignment.load;
+                let plan = ShardPlan::new(&load.config, load.tp, load.pp)
+                    .map_err(|e| WorkerError::invalid("tp × pp", e.to_string()))?;
+                memory::check_fits(&load.config, &plan, &load.spec, &load.options)?;
+            }
+        }
         let spec = &assignment.load.spec;
         let listeners = Listeners::bind(self.inner.bind_ip, spec.stage, assignment.load.pp)?;
         let response = pb::AssignResponse {
@@ -320,12 +372,13 @@ impl WorkerService {
             });
         }
         match connected {
-            Ok(comms) => {
+            Ok((comms, abort)) => {
                 info!(
                     ms = started.elapsed().as_millis() as u64,
                     "collectives open"
                 );
                 m.state = State::Connected(assignment, comms);
+                m.abort = Some(abort);
                 Ok(pb::OpenCollectivesResponse {})
             }
             Err(e) => {
@@ -337,7 +390,7 @@ impl WorkerService {
 
     async fn load_shard(&self) -> Result<pb::LoadResponse, WorkerError> {
         let started = Instant::now();
-        let (loaded, epoch) = {
+        let (loaded, epoch, reused) = {
             let mut m = self.inner.machine.lock().await;
             let (assignment, comms) = match std::mem::replace(&mut m.state, State::Idle) {
                 State::Connected(a, c) => (a, c),
@@ -346,10 +399,22 @@ impl WorkerService {
                     return Err(m.wrong_state("Load"));
                 }
             };
-            match ShardThread::spawn(assignment.load.clone(), comms) {
+            let kept = m
+                .retained
+                .take()
+                .filter(|k| k.load == assignment.load && k.shard.is_alive());
+            let reused = kept.is_some();
+            let started = match kept {
+                Some(k) => {
+                    info!("reusing the kept shard with the new collective group");
+                    k.shard.regroup(comms).map(|loaded| (k.shard, loaded))
+                }
+                None => ShardThread::spawn(assignment.load.clone(), comms),
+            };
+            match started {
                 Ok((shard, loaded)) => {
                     m.state = State::Loading(assignment, shard);
-                    (loaded, m.epoch)
+                    (loaded, m.epoch, reused)
                 }
                 Err(e) => {
                     m.fail(e.to_string(), None);
@@ -375,7 +440,10 @@ impl WorkerService {
         match outcome {
             Ok(loaded) => {
                 let load_ms = started.elapsed().as_millis().min(u32::MAX as u128) as u32;
-                info!(weight_bytes = loaded.weight_bytes, load_ms, "shard loaded");
+                info!(
+                    weight_bytes = loaded.weight_bytes,
+                    load_ms, reused, "shard loaded"
+                );
                 m.state = State::Ready(ReadyShard {
                     assignment,
                     shard,
@@ -385,10 +453,17 @@ impl WorkerService {
                 Ok(pb::LoadResponse {
                     weight_bytes: loaded.weight_bytes as u64,
                     load_ms,
+                    reused,
                 })
             }
             Err(e) => {
-                m.fail(format!("loading: {e}"), Some(shard));
+                m.fail(
+                    format!("loading: {e}"),
+                    Some(Kept {
+                        load: assignment.load,
+                        shard,
+                    }),
+                );
                 Err(e)
             }
         }
@@ -422,7 +497,13 @@ impl WorkerService {
                     let State::Ready(ready) = std::mem::replace(&mut m.state, State::Idle) else {
                         unreachable!("matched above");
                     };
-                    m.fail(e.to_string(), Some(ready.shard));
+                    m.fail(
+                        e.to_string(),
+                        Some(Kept {
+                            load: ready.assignment.load,
+                            shard: ready.shard,
+                        }),
+                    );
                     return Err(e);
                 }
             }
@@ -451,7 +532,13 @@ impl WorkerService {
                     let State::Ready(ready) = std::mem::replace(&mut m.state, State::Idle) else {
                         unreachable!("matched above");
                     };
-                    m.fail(message.clone(), Some(ready.shard));
+                    m.fail(
+                        message.clone(),
+                        Some(Kept {
+                            load: ready.assignment.load,
+                            shard: ready.shard,
+                        }),
+                    );
                 }
                 Err(match e {
                     WorkerError::ShardFailed(_) => e,
@@ -555,10 +642,6 @@ fn validate_assignment(
         kv_blocks: req.kv_blocks as usize,
         block_size: req.kv_block_tokens as usize,
     };
-    // A simulated shard allocates nothing here; it checks its device's memory at load.
-    if matches!(device, Device::Cpu { .. }) {
-        memory::check_fits(&config, &plan, &spec, &options)?;
-    }
     let max_step_tokens = options.kv_blocks.saturating_mul(options.block_size);
     Ok(Assignment {
         load: LoadSpec {
@@ -670,7 +753,7 @@ impl pb::worker_server::Worker for WorkerService {
         req: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let _call = self.admit(req.get_ref().generation).await?;
-        self.release().await;
+        self.release(req.get_ref().keep_weights).await;
         info!("released");
         Ok(Response::new(pb::ReleaseResponse {}))
     }

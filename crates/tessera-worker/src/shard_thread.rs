@@ -30,7 +30,7 @@ pub enum WeightsSpec {
 }
 
 /// Everything the shard thread needs to load its shard.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LoadSpec {
     /// The assigned model.
     pub config: ModelConfig,
@@ -80,6 +80,13 @@ impl Runner {
             Runner::Sim(shard) => shard.step(req),
         }
     }
+
+    fn replace_comms(&mut self, comms: ShardComms) -> ShardComms {
+        match self {
+            Runner::Cpu(_, shard) => shard.replace_comms(comms),
+            Runner::Sim(shard) => shard.replace_comms(comms),
+        }
+    }
 }
 
 /// What a finished load reports.
@@ -92,9 +99,17 @@ pub struct Loaded {
 /// A step's outcome on this shard and the time the shard spent on it.
 pub type StepReply = Result<(Option<StepOutput>, Duration), WorkerError>;
 
-struct Job {
-    req: StepRequest,
-    reply: oneshot::Sender<StepReply>,
+enum Job {
+    /// Run a step.
+    Step {
+        req: StepRequest,
+        reply: oneshot::Sender<StepReply>,
+    },
+    /// Take a new collective group, keeping the weights.
+    Regroup {
+        comms: ShardComms,
+        reply: oneshot::Sender<Result<Loaded, WorkerError>>,
+    },
 }
 
 /// Handle of the shard thread. Dropping it closes the step channel and joins the thread,
@@ -135,11 +150,22 @@ impl ShardThread {
                     weight_bytes: shard.weight_bytes(),
                 }));
                 while let Ok(job) = inbox.recv() {
+                    let (req, reply) = match job {
+                        Job::Step { req, reply } => (req, reply),
+                        Job::Regroup { comms, reply } => {
+                            // The old group is dropped here, on the shard's thread.
+                            drop(shard.replace_comms(comms));
+                            let _ = reply.send(Ok(Loaded {
+                                weight_bytes: shard.weight_bytes(),
+                            }));
+                            continue;
+                        }
+                    };
                     let start = Instant::now();
-                    let result = caught(|| shard.step(&job.req));
+                    let result = caught(|| shard.step(&req));
                     // A panic may have left the KV cache or a collective half-written.
                     let broken = matches!(&result, Err(WorkerError::ShardFailed(_)));
-                    let _ = job.reply.send(result.map(|out| (out, start.elapsed())));
+                    let _ = reply.send(result.map(|out| (out, start.elapsed())));
                     if broken {
                         return;
                     }
@@ -158,12 +184,32 @@ impl ShardThread {
     /// Queues a step after those already sent; the receiver answers when it has run.
     pub fn submit(&self, req: StepRequest) -> Result<oneshot::Receiver<StepReply>, WorkerError> {
         let (reply, answer) = oneshot::channel();
+        self.send(Job::Step { req, reply })?;
+        Ok(answer)
+    }
+
+    /// Gives the loaded shard a new collective group after the steps already sent; the
+    /// receiver answers once it has it. The weights stay.
+    pub fn regroup(
+        &self,
+        comms: ShardComms,
+    ) -> Result<oneshot::Receiver<Result<Loaded, WorkerError>>, WorkerError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Job::Regroup { comms, reply })?;
+        Ok(answer)
+    }
+
+    /// Whether the thread still takes jobs (it stops after a panic).
+    pub fn is_alive(&self) -> bool {
+        self.jobs.is_some() && self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    fn send(&self, job: Job) -> Result<(), WorkerError> {
         self.jobs
             .as_ref()
             .ok_or_else(|| WorkerError::ShardFailed("the shard is closed".into()))?
-            .send(Job { req, reply })
-            .map_err(|_| WorkerError::ShardFailed("the shard thread has stopped".into()))?;
-        Ok(answer)
+            .send(job)
+            .map_err(|_| WorkerError::ShardFailed("the shard thread has stopped".into()))
     }
 
     /// Takes no more steps; those already sent still run.

@@ -76,6 +76,11 @@ impl SimShard {
         self.weight_bytes
     }
 
+    /// Swaps in a new collective group and returns the old one.
+    pub fn replace_comms(&mut self, comms: ShardComms) -> ShardComms {
+        std::mem::replace(&mut self.comms, comms)
+    }
+
     /// Runs one step: waits for the previous stage, takes this stage's time, hands off.
     pub fn step(&mut self, req: &StepRequest) -> Result<Option<StepOutput>, WorkerError> {
         req.validate(&self.config, &self.kv)?;

@@ -26,11 +26,12 @@ const KV_BLOCKS: u32 = 16;
 const BLOCK_TOKENS: u32 = 8;
 const PROMPT: [u32; 7] = [464, 2068, 7586, 21831, 18045, 625, 262];
 
-/// A `Cluster` service that records registrations and answers generation 7, or refuses.
+/// A `Cluster` service that records registrations and answers generation 7, or refuses
+/// with the given code.
 #[derive(Clone, Default)]
 struct FakeCoordinator {
     registered: Arc<Mutex<Vec<pb::RegisterRequest>>>,
-    refuse: bool,
+    refuse: Option<Code>,
 }
 
 #[tonic::async_trait]
@@ -39,10 +40,14 @@ impl Cluster for FakeCoordinator {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        if self.refuse {
-            return Err(Status::resource_exhausted(
-                "the cluster has every worker it needs",
-            ));
+        match self.refuse {
+            Some(Code::ResourceExhausted) => {
+                return Err(Status::resource_exhausted(
+                    "the cluster has every worker it needs",
+                ))
+            }
+            Some(code) => return Err(Status::new(code, "not this worker")),
+            None => {}
         }
         let mut r = self.registered.lock().unwrap();
         r.push(req.into_inner());
@@ -291,6 +296,7 @@ impl TestCluster {
             c.clone()
                 .release(pb::ReleaseRequest {
                     generation: GENERATION,
+                    keep_weights: false,
                 })
                 .await
                 .unwrap();
@@ -529,6 +535,69 @@ async fn two_pipeline_stages_match_the_local_engine() {
     }
 }
 
+/// What a rebuilt cluster does to its survivors: `Release` keeping the weights, then the
+/// same assignment again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_kept_shard_takes_a_new_group_without_reading_its_weights_again() {
+    let fake = FakeCoordinator::default();
+    let coordinator = fake.clone().start().await;
+    let mut workers: Vec<TestWorker> = Vec::new();
+    for n in 1..=2 {
+        workers.push(spawn_worker(options(coordinator, Duration::from_secs(10))));
+        fake.ports(n).await;
+    }
+    let mut clients = Vec::new();
+    for p in fake.ports(2).await {
+        clients.push(client(p).await);
+    }
+    let release = |clients: &[WorkerClient<Channel>], keep_weights: bool| {
+        let calls: Vec<_> = clients
+            .iter()
+            .map(|c| {
+                let mut c = c.clone();
+                async move {
+                    c.release(pb::ReleaseRequest {
+                        generation: GENERATION,
+                        keep_weights,
+                    })
+                    .await
+                    .unwrap();
+                }
+            })
+            .collect();
+        all(calls)
+    };
+    let (cluster, loaded) = TestCluster::try_bring_up(synthetic(), 2, 1, clients).await;
+    assert!(loaded.iter().all(|l| !l.as_ref().unwrap().reused));
+    let (want, _, _) = generate(&cluster, 1, 4).await;
+
+    // Kept: the same shards take a new group and give the same tokens, prefilled again
+    // from position 0 with step ids starting over.
+    release(&cluster.clients, true).await;
+    let (cluster, loaded) = TestCluster::try_bring_up(synthetic(), 2, 1, cluster.clients).await;
+    for l in &loaded {
+        let l = l.as_ref().unwrap();
+        assert!(l.reused && l.weight_bytes > 0, "{l:?}");
+    }
+    assert_eq!(generate(&cluster, 1, 4).await.0, want);
+
+    // Another shard (the ranks swapped) is loaded afresh.
+    release(&cluster.clients, true).await;
+    let swapped: Vec<_> = cluster.clients.iter().rev().cloned().collect();
+    let (cluster, loaded) = TestCluster::try_bring_up(synthetic(), 2, 1, swapped).await;
+    assert!(loaded.iter().all(|l| !l.as_ref().unwrap().reused));
+    assert_eq!(generate(&cluster, 1, 4).await.0, want);
+
+    // A plain release drops the weights.
+    release(&cluster.clients, false).await;
+    let (cluster, loaded) = TestCluster::try_bring_up(synthetic(), 2, 1, cluster.clients).await;
+    assert!(loaded.iter().all(|l| !l.as_ref().unwrap().reused));
+    cluster.release().await;
+    for w in workers {
+        w.stop().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_out_of_turn_or_with_bad_fields_are_refused() {
     let fake = FakeCoordinator::default();
@@ -606,6 +675,7 @@ async fn calls_out_of_turn_or_with_bad_fields_are_refused() {
     assert!(h.message.contains("previous stage"), "{}", h.message);
     c.release(pb::ReleaseRequest {
         generation: GENERATION,
+        keep_weights: false,
     })
     .await
     .unwrap();
@@ -637,7 +707,7 @@ async fn a_silent_coordinator_ends_the_worker() {
 #[tokio::test]
 async fn a_refused_or_absent_coordinator_is_a_clean_error() {
     let fake = FakeCoordinator {
-        refuse: true,
+        refuse: Some(Code::FailedPrecondition),
         ..Default::default()
     };
     let coordinator = fake.start().await;
@@ -649,10 +719,31 @@ async fn a_refused_or_absent_coordinator_is_a_clean_error() {
     .unwrap_err();
     match &e {
         WorkerError::RegistrationRefused { code, .. } => {
-            assert_eq!(*code, Code::ResourceExhausted)
+            assert_eq!(*code, Code::FailedPrecondition)
         }
         other => panic!("{other}"),
     }
+
+    // A full cluster frees a slot when it loses a worker: the worker keeps trying until
+    // its coordinator timeout.
+    let full = FakeCoordinator {
+        refuse: Some(Code::ResourceExhausted),
+        ..Default::default()
+    };
+    let coordinator = full.start().await;
+    let started = Instant::now();
+    let e = run_worker(
+        options(coordinator, Duration::from_millis(1500)),
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(e, WorkerError::CoordinatorUnreachable { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("every worker it needs"), "{e}");
+    assert!(started.elapsed() >= Duration::from_millis(1400));
 
     // Nothing listens on a port just freed.
     let free = std::net::TcpListener::bind("127.0.0.1:0")
@@ -830,6 +921,7 @@ async fn a_lost_peer_fails_the_step_and_the_worker() {
     rank0
         .release(pb::ReleaseRequest {
             generation: GENERATION,
+            keep_weights: false,
         })
         .await
         .unwrap();

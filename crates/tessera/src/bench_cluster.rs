@@ -16,6 +16,8 @@ pub struct ClusterArgs {
     /// The cluster's gRPC endpoint.
     #[arg(long, default_value = "127.0.0.1:50051")]
     endpoint: String,
+    #[command(flatten)]
+    api_key: crate::api_key_arg::ApiKeyArg,
     /// Prompt tokens before decode starts.
     #[arg(long, default_value_t = 16)]
     prompt_tokens: usize,
@@ -49,7 +51,8 @@ pub fn bench_cluster(args: ClusterArgs) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let mut client = Client::connect(&args.endpoint).await?;
+        let mut client =
+            Client::connect_with(&args.endpoint, args.api_key.client_options()).await?;
         let info = client.model_info().await?;
         let prompt: Vec<u32> = (0..args.prompt_tokens as u32)
             .map(|i| (i * 7919 + 13) % info.vocab_size)

@@ -48,6 +48,8 @@ pub struct ServeBenchArgs {
     /// With --endpoint the cluster's own model is used.
     #[arg(long, value_name = "NAME")]
     model: Option<String>,
+    #[command(flatten)]
+    api_key: crate::api_key_arg::ApiKeyArg,
     /// Workload to send.
     #[arg(long, value_enum, default_value = "random")]
     dataset: DatasetName,
@@ -240,12 +242,14 @@ pub fn bench_serve(args: ServeBenchArgs) -> Result<()> {
         Some(url) => TargetSpec::OpenAi {
             base_url: url.clone(),
             model: args.model.clone(),
+            api_key: args.api_key.api_key.clone(),
         },
         None => TargetSpec::Tessera {
             endpoint: args
                 .endpoint
                 .clone()
                 .unwrap_or_else(|| "127.0.0.1:50051".into()),
+            api_key: args.api_key.api_key.clone(),
         },
     };
 

@@ -20,6 +20,8 @@ pub struct ThroughputArgs {
     /// The cluster's gRPC endpoint.
     #[arg(long, default_value = "127.0.0.1:50051")]
     endpoint: String,
+    #[command(flatten)]
+    api_key: crate::api_key_arg::ApiKeyArg,
     /// Concurrent clients to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
     concurrency: Vec<usize>,
@@ -90,7 +92,8 @@ pub fn bench_throughput(args: ThroughputArgs) -> Result<()> {
     }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        let mut client = Client::connect(&args.endpoint).await?;
+        let mut client =
+            Client::connect_with(&args.endpoint, args.api_key.client_options()).await?;
         let info = client.model_info().await?;
         let vocab = info.vocab_size;
         let request = |client: usize, k: usize| GenerateRequest {

@@ -60,6 +60,23 @@ pub struct ClusterArgs {
     /// declared failed (default 5000).
     #[arg(long, value_name = "MS")]
     pub worker_timeout_ms: Option<u64>,
+    /// Milliseconds the requests of a lost worker wait for a replacement to take over its
+    /// shard (their sequences are then prefilled again and go on) before they end with
+    /// UNAVAILABLE (default 60000). The cluster keeps waiting for a replacement after that.
+    #[arg(long, value_name = "MS")]
+    pub recovery_timeout_ms: Option<u64>,
+    /// Require an API key on the public APIs: FILE holds the accepted keys, one per line
+    /// (blank lines and `#` comments ignored). gRPC clients send metadata
+    /// `authorization: Bearer KEY`, HTTP clients the header `Authorization: Bearer KEY`
+    /// on /v1/*. Health (gRPC and /health), /metrics, reflection and worker registration
+    /// stay open. Default: no keys, the APIs are open.
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Milliseconds an HTTP client may take to send a request's headers, and then its
+    /// body, before the connection is closed (408 for a late body); also closes idle
+    /// keep-alive connections (default 30000).
+    #[arg(long, value_name = "MS")]
+    pub http_read_timeout_ms: Option<u64>,
 }
 
 impl ClusterArgs {
@@ -118,6 +135,15 @@ impl ClusterArgs {
         }
         if let Some(v) = self.worker_timeout_ms {
             c.worker_timeout = Duration::from_millis(v);
+        }
+        if let Some(v) = self.recovery_timeout_ms {
+            c.recovery_timeout = Duration::from_millis(v);
+        }
+        if let Some(v) = &self.api_key_file {
+            c.api_key_file = Some(v.clone());
+        }
+        if let Some(v) = self.http_read_timeout_ms {
+            c.http_read_timeout = Duration::from_millis(v);
         }
         Ok(())
     }

@@ -8,6 +8,8 @@ use clap::Args;
 use serde::Serialize;
 use tessera_client::{Client, ClientOptions, FinishReason, GenerateRequest, GenerateResponse};
 
+use crate::api_key_arg::ApiKeyArg;
+
 /// Arguments of `tessera generate`.
 ///
 /// The generation settings are options: one not given is left unset in the request, so
@@ -72,6 +74,8 @@ pub struct GenerateArgs {
     /// also sent to the server. Default: no limit.
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
+    #[command(flatten)]
+    pub api_key: ApiKeyArg,
 }
 
 impl GenerateArgs {
@@ -147,7 +151,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
 async fn generate_async(args: GenerateArgs) -> Result<()> {
     let options = ClientOptions {
         call_timeout: args.timeout,
-        ..ClientOptions::default()
+        ..args.api_key.client_options()
     };
     let mut client = Client::connect_with(&args.endpoint, options).await?;
     let request = args.request();

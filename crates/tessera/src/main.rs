@@ -1,5 +1,6 @@
 //! `tessera`: the one binary. It parses arguments and wires the libraries together.
 
+mod api_key_arg;
 mod bench;
 mod bench_cluster;
 mod bench_serve;

@@ -4,6 +4,11 @@
 //! No worker outlives it: each is started with the parent-death signal set to SIGKILL
 //! (so even a SIGKILL of `serve` takes the workers down), and on Ctrl-C or SIGTERM they
 //! are stopped before `serve` exits.
+//!
+//! While serving, `serve` supervises its workers: one that exits is started again (at
+//! once the first time, then with a backoff that doubles while it keeps dying young), and
+//! one that the coordinator took out of the cluster because it hung is killed and started
+//! again. The new process registers and the coordinator gives it the vacant shard.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -70,24 +75,79 @@ pub fn config(args: &ServeArgs) -> Result<CoordinatorConfig> {
     Ok(c)
 }
 
+/// First pause before restarting a worker that died young, and the longest.
+const RESTART_BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(8));
+/// How often exited workers are looked for.
+const SUPERVISE_EVERY: Duration = Duration::from_millis(100);
+/// A worker that ran this long before it exited is restarted at once.
+const HEALTHY_RUN: Duration = Duration::from_secs(30);
+
+/// One worker process and its restart history.
+struct Supervised {
+    child: Child,
+    started: Instant,
+    /// Exits in a row, each before a healthy run.
+    young_exits: u32,
+    /// When an exited worker is due to start again.
+    restart_at: Option<Instant>,
+}
+
+/// The pause before restarting a worker after `young_exits` exits in a row that each
+/// came before a healthy run: none after the first, then doubling up to the longest.
+fn restart_backoff(young_exits: u32) -> Duration {
+    match young_exits {
+        0 | 1 => Duration::ZERO,
+        n => RESTART_BACKOFF
+            .0
+            .saturating_mul(1 << (n - 2).min(16))
+            .min(RESTART_BACKOFF.1),
+    }
+}
+
 /// Worker processes that are killed when this value is dropped.
 struct Workers {
-    children: Vec<Child>,
+    children: Vec<Supervised>,
+    exe: std::path::PathBuf,
+    args: Vec<String>,
 }
 
 impl Workers {
     fn spawn(n: usize, coordinator: &str, threads: usize, device: &[String]) -> Result<Workers> {
         let exe = std::env::current_exe().context("cannot find the tessera executable")?;
+        let mut args: Vec<String> = [
+            "worker",
+            "--coordinator",
+            coordinator,
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            &threads.to_string(),
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend_from_slice(device);
         let mut workers = Workers {
             children: Vec::with_capacity(n),
+            exe,
+            args,
         };
         for _ in 0..n {
-            let mut cmd = Command::new(&exe);
-            cmd.args(["worker", "--coordinator", coordinator])
-                .args(["--listen", "127.0.0.1:0"])
-                .args(["--threads", &threads.to_string()])
-                .args(device)
-                .stdin(Stdio::null());
+            let child = workers.start()?;
+            workers.children.push(Supervised {
+                child,
+                started: Instant::now(),
+                young_exits: 0,
+                restart_at: None,
+            });
+        }
+        Ok(workers)
+    }
+
+    /// Starts one worker process.
+    fn start(&self) -> Result<Child> {
+        {
+            let mut cmd = Command::new(&self.exe);
+            cmd.args(&self.args).stdin(Stdio::null());
             #[cfg(target_os = "linux")]
             {
                 use std::os::unix::process::CommandExt;
@@ -107,30 +167,97 @@ impl Workers {
                     });
                 }
             }
-            let child = cmd.spawn().context("cannot start a worker process")?;
-            workers.children.push(child);
+            cmd.spawn().context("cannot start a worker process")
         }
-        Ok(workers)
     }
 
     /// The first worker that has exited, with its status.
     fn exited(&mut self) -> Option<(u32, std::process::ExitStatus)> {
-        self.children.iter_mut().find_map(|c| match c.try_wait() {
-            Ok(Some(status)) => Some((c.id(), status)),
-            _ => None,
-        })
+        self.children
+            .iter_mut()
+            .find_map(|c| match c.child.try_wait() {
+                Ok(Some(status)) => Some((c.child.id(), status)),
+                _ => None,
+            })
+    }
+
+    /// Kills the worker process `pid`, if it is one of ours and still runs (a worker the
+    /// coordinator found hung); [`Workers::supervise`] then starts a replacement.
+    fn kill(&mut self, pid: u32) {
+        if let Some(c) = self.children.iter_mut().find(|c| c.child.id() == pid) {
+            if matches!(c.child.try_wait(), Ok(None)) {
+                warn!("worker process {pid} was taken out of the cluster; killing it");
+                let _ = c.child.kill();
+            }
+        }
+    }
+
+    /// Restarts the workers that have exited: at once after a healthy run, else after a
+    /// backoff that doubles each time a worker dies young.
+    fn supervise(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.children.len() {
+            let c = &mut self.children[i];
+            if c.restart_at.is_none() {
+                let Ok(Some(status)) = c.child.try_wait() else {
+                    continue;
+                };
+                let lived = now.duration_since(c.started);
+                c.young_exits = if lived >= HEALTHY_RUN {
+                    0
+                } else {
+                    c.young_exits + 1
+                };
+                let backoff = restart_backoff(c.young_exits);
+                warn!(
+                    "worker process {} exited ({status}) after {:.1} s; restarting it in {} ms",
+                    c.child.id(),
+                    lived.as_secs_f64(),
+                    backoff.as_millis()
+                );
+                c.restart_at = Some(now + backoff);
+            }
+            if self.children[i].restart_at.is_some_and(|t| t <= now) {
+                match self.start() {
+                    Ok(child) => {
+                        info!(
+                            "started worker process {} in place of {}",
+                            child.id(),
+                            self.children[i].child.id()
+                        );
+                        let c = &mut self.children[i];
+                        c.child = child;
+                        c.started = now;
+                        c.restart_at = None;
+                    }
+                    Err(e) => {
+                        let c = &mut self.children[i];
+                        c.young_exits += 1;
+                        let backoff = restart_backoff(c.young_exits);
+                        warn!(
+                            "cannot restart a worker process ({e:#}); trying again in {} ms",
+                            backoff.as_millis()
+                        );
+                        c.restart_at = Some(now + backoff);
+                    }
+                }
+            }
+        }
     }
 
     /// SIGTERM, a grace period, then SIGKILL; waits for every worker.
     fn stop(&mut self, grace: Duration) {
-        for c in &self.children {
-            // SAFETY: sending a signal to our own child, which we have not yet reaped.
-            unsafe {
-                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+        for c in &mut self.children {
+            // Only a child not yet reaped: its pid cannot have been reused.
+            if matches!(c.child.try_wait(), Ok(None)) {
+                // SAFETY: sending a signal to our own child, which we have not yet reaped.
+                unsafe {
+                    libc::kill(c.child.id() as libc::pid_t, libc::SIGTERM);
+                }
             }
         }
         let deadline = Instant::now() + grace;
-        for c in &mut self.children {
+        for c in self.children.iter_mut().map(|c| &mut c.child) {
             loop {
                 match c.try_wait() {
                     Ok(Some(_)) | Err(_) => break,
@@ -166,7 +293,10 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     // Workers are spawned from this (the main) thread: the parent-death signal fires when
     // the thread that forked a child exits, and the main thread lives as long as we do.
-    let coordinator = runtime.block_on(Coordinator::start(config.clone()))?;
+    let mut coordinator = runtime.block_on(Coordinator::start(config.clone()))?;
+    let mut vacated = coordinator
+        .take_vacated()
+        .context("the coordinator's vacated workers were already taken")?;
     let addr = coordinator.local_addr();
     let dial = if addr.ip().is_unspecified() {
         format!("127.0.0.1:{}", addr.port())
@@ -198,7 +328,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
                 ClusterState::Serving => break,
                 ClusterState::Failed(msg) => bail!("the cluster did not start: {msg}"),
                 ClusterState::Stopping => bail!("stopped during start-up"),
-                ClusterState::Starting(_) => {}
+                ClusterState::Starting(_) | ClusterState::Recovering(_) => {}
             }
             if let Some((pid, status)) = workers.exited() {
                 bail!("worker process {pid} exited during start-up ({status})");
@@ -223,25 +353,22 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         );
         println!("  gRPC API:   {dial} (tessera.v1.Generation, grpc.health.v1, reflection)");
         if let Some(http) = coordinator.http_addr() {
-            println!("  OpenAI API: http://{http}/v1 (completions, models; also /health, /metrics)");
+            println!(
+                "  OpenAI API: http://{http}/v1 (completions, models; also /health, /metrics)"
+            );
         }
-        println!("  try:        tessera generate --endpoint {dial} --prompt \"The cluster\" --stream");
+        println!(
+            "  try:        tessera generate --endpoint {dial} --prompt \"The cluster\" --stream"
+        );
         println!("Ctrl-C stops the cluster.");
-        let mut reported = false;
         loop {
             tokio::select! {
                 _ = &mut shutdown => {
                     info!("shutting down");
                     return Ok(());
                 }
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                    if !reported {
-                        if let Some((pid, status)) = workers.exited() {
-                            warn!("worker process {pid} exited ({status}); the cluster stops serving");
-                            reported = true;
-                        }
-                    }
-                }
+                Some(gone) = vacated.recv() => workers.kill(gone.pid),
+                _ = tokio::time::sleep(SUPERVISE_EVERY) => workers.supervise(),
             }
         }
     });
@@ -259,5 +386,24 @@ fn describe(m: &ModelSource) -> String {
         ModelSource::Synthetic { preset, seed } => {
             format!("{preset} (synthetic weights, seed {seed})")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_that_keeps_dying_young_waits_longer_each_time() {
+        assert_eq!(restart_backoff(0), Duration::ZERO);
+        assert_eq!(
+            restart_backoff(1),
+            Duration::ZERO,
+            "the first exit restarts at once"
+        );
+        assert_eq!(restart_backoff(2), RESTART_BACKOFF.0);
+        assert_eq!(restart_backoff(3), RESTART_BACKOFF.0 * 2);
+        assert_eq!(restart_backoff(4), RESTART_BACKOFF.0 * 4);
+        assert_eq!(restart_backoff(40), RESTART_BACKOFF.1, "capped");
     }
 }

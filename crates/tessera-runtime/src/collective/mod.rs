@@ -9,7 +9,7 @@ mod local;
 mod tcp;
 
 pub use local::{local_group, LocalComm};
-pub use tcp::{TcpComm, TcpGroupSpec, TcpListenerHandle};
+pub use tcp::{TcpAbort, TcpComm, TcpGroupSpec, TcpListenerHandle};
 
 use crate::error::Result;
 

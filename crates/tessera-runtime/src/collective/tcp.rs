@@ -82,6 +82,21 @@ impl TcpListenerHandle {
     }
 }
 
+/// Breaks the connections of one [`TcpComm`] from outside the thread that uses it.
+#[derive(Debug)]
+pub struct TcpAbort {
+    streams: Vec<TcpStream>,
+}
+
+impl TcpAbort {
+    /// Shuts every connection down; the group's blocked and later operations fail.
+    pub fn abort(&self) {
+        for s in &self.streams {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
 /// One rank of a group whose ranks are processes connected over TCP.
 ///
 /// Blocking: meant for a dedicated OS thread. After an operation fails the group is
@@ -153,6 +168,20 @@ impl TcpComm {
         TcpListener::bind(addr)
             .map(|listener| TcpListenerHandle { listener })
             .map_err(|e| RuntimeError::Collective(format!("cannot listen on {addr}: {e}")))
+    }
+
+    /// A handle that breaks this rank's connections from another thread: an operation
+    /// blocked on a peer that will never answer (a hung process keeps its sockets open)
+    /// fails at once instead of waiting out the I/O timeout, and so do its peers'.
+    pub fn abort_handle(&self) -> Result<TcpAbort> {
+        let streams = self
+            .links
+            .iter()
+            .flatten()
+            .map(|l| l.reader.get_ref().try_clone())
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|e| RuntimeError::Collective(format!("cloning a connection: {e}")))?;
+        Ok(TcpAbort { streams })
     }
 
     /// Forms the group: one connection per pair of ranks, the lower rank dialling the
@@ -1085,6 +1114,28 @@ mod tests {
         low.all_reduce_sum(&mut buf).unwrap();
         assert_eq!(buf[0], 3.0);
         assert_eq!(other.join().unwrap().unwrap(), 3.0);
+    }
+
+    #[test]
+    fn an_aborted_rank_stops_waiting_for_a_silent_peer() {
+        let mut comms = group(2, PATIENT);
+        let _silent = comms.pop().unwrap();
+        let mut waiting = comms.pop().unwrap();
+        let abort = waiting.abort_handle().unwrap();
+        let started = Instant::now();
+        let blocked = thread::spawn(move || {
+            let mut buf = vec![1.0f32; 8];
+            waiting.all_reduce_sum(&mut buf)
+        });
+        thread::sleep(Duration::from_millis(100));
+        abort.abort();
+        let e = blocked.join().unwrap().unwrap_err().to_string();
+        assert!(e.contains("rank 1"), "{e}");
+        assert!(
+            started.elapsed() < PATIENT / 2,
+            "the abort ended the wait: {:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
