@@ -711,6 +711,13 @@ impl CompletionRequest {
     }
 }
 
+/// Reads a `/v1/completions` body as the handler does and returns the gRPC request it asks
+/// for, or the error the client would get.
+pub(crate) fn completion_request(body: &[u8], served: &str) -> Result<GenerateRequest, ApiError> {
+    let Json(req) = Json::<CompletionRequest>::from_bytes(body)?;
+    req.to_generate(served)
+}
+
 #[derive(Debug, Default, Serialize)]
 struct Logprobs {
     tokens: Vec<String>,

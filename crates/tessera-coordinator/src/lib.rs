@@ -23,3 +23,18 @@ pub use config::{ConfigFile, CoordinatorConfig, ModelSource};
 pub use error::{CoordinatorError, StartError};
 pub use server::Coordinator;
 pub use state::ClusterState;
+
+/// Entry points of the fuzz targets in `fuzz/`: steps of request handling that are private
+/// to the crate, reached as a request reaches them. Not part of the coordinator's API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use tessera_proto::v1::GenerateRequest;
+
+    use crate::http::ApiError;
+
+    /// A `POST /v1/completions` body read and converted as the HTTP handler does, up to the
+    /// validation the gRPC API shares.
+    pub fn completion_request(body: &[u8], served: &str) -> Result<GenerateRequest, ApiError> {
+        crate::http::completion_request(body, served)
+    }
+}

@@ -142,6 +142,45 @@ impl WorkerOptions {
     }
 }
 
+/// Entry points of the fuzz targets in `fuzz/`: the checks every protocol message passes
+/// before it reaches a shard. Not part of the worker's API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use tessera_model::ModelConfig;
+    use tessera_proto::worker::v1 as pb;
+    use tessera_runtime::{KvSpec, StepRequest};
+
+    use crate::{convert, service, WorkerError};
+
+    /// The limits a CPU worker holds its steps to after an accepted `Assign`.
+    #[derive(Debug, Clone)]
+    pub struct Assigned {
+        config: ModelConfig,
+        kv: KvSpec,
+        max_step_tokens: usize,
+    }
+
+    /// Checks an `Assign` request as a CPU worker does.
+    pub fn assign(req: &pb::AssignRequest) -> Result<Assigned, WorkerError> {
+        let (config, kv, max_step_tokens) = service::step_limits(req)?;
+        Ok(Assigned {
+            config,
+            kv,
+            max_step_tokens,
+        })
+    }
+
+    impl Assigned {
+        /// A `Step` request as this worker takes it: converted, then checked as the shard
+        /// checks it before touching any state.
+        pub fn step(&self, req: pb::StepRequest) -> Result<StepRequest, WorkerError> {
+            let step = convert::step_request(req, self.max_step_tokens)?;
+            step.validate(&self.config, &self.kv)?;
+            Ok(step)
+        }
+    }
+}
+
 /// Runs a worker: serves the `Worker` service, registers with the coordinator (retrying
 /// while it is not up, for up to `coordinator_timeout`), then serves until `shutdown`
 /// resolves (`Ok`) or the coordinator goes silent for `coordinator_timeout`

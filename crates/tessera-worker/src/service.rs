@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use tessera_model::{ModelConfig, ShardPlan};
 use tessera_proto::worker::v1 as pb;
 use tessera_proto::worker::v1::model_spec::Weights;
-use tessera_runtime::{ShardComms, ShardOptions, WeightDtype};
+use tessera_runtime::{KvSpec, ShardComms, ShardOptions, WeightDtype};
 use tokio::sync::{watch, Mutex};
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument, warn};
@@ -561,6 +561,16 @@ impl WorkerService {
             steps,
         })
     }
+}
+
+/// What a CPU worker assigned by `req` takes of a step: the model, the shard's KV cache
+/// geometry and the most new tokens one step may carry (for [`crate::fuzzing`]).
+pub(crate) fn step_limits(
+    req: &pb::AssignRequest,
+) -> Result<(ModelConfig, KvSpec, usize), WorkerError> {
+    let a = validate_assignment(req, &Device::Cpu { threads: 1 })?;
+    let kv = memory::kv_spec(&a.load.config, &a.load.spec, &a.load.options);
+    Ok((a.load.config, kv, a.max_step_tokens))
 }
 
 /// Checks an `Assign` request field by field; the error names the first bad one.
