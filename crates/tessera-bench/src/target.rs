@@ -6,6 +6,7 @@
 //! an unparsable chunk, the timeout) becomes its [`Failure`]; only [`Target::connect`]
 //! returns errors.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -22,17 +23,21 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Where to send requests.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TargetSpec {
-    /// A Tessera cluster's gRPC endpoint, `host:port`.
+    /// A Tessera cluster's gRPC endpoint, `host:port` or `https://host:port`.
     Tessera {
         /// The endpoint.
         endpoint: String,
+        /// For `https://`: a PEM file of the CA to trust instead of the system's roots.
+        ca_cert: Option<PathBuf>,
     },
     /// An OpenAI-compatible server.
     OpenAi {
-        /// The API's base URL, e.g. `http://127.0.0.1:8000/v1`.
+        /// The API's base URL, e.g. `http://127.0.0.1:8000/v1` or `https://…`.
         base_url: String,
         /// The model to ask for; `None`: the first of `GET {base}/models`.
         model: Option<String>,
+        /// For `https://`: a PEM file of the CA to trust instead of the system's roots.
+        ca_cert: Option<PathBuf>,
     },
 }
 
@@ -82,13 +87,14 @@ impl Target {
     /// split and the vocabulary.
     pub async fn connect(spec: &TargetSpec) -> Result<Target, BenchError> {
         match spec {
-            TargetSpec::Tessera { endpoint } => {
+            TargetSpec::Tessera { endpoint, ca_cert } => {
                 let error = |e: ClientError| BenchError::Target {
                     target: endpoint.clone(),
                     reason: e.to_string(),
                 };
                 let options = tessera_client::ClientOptions {
                     connect_timeout: CONNECT_TIMEOUT,
+                    ca_cert: ca_cert.clone(),
                     ..Default::default()
                 };
                 let mut client = Client::connect_with(endpoint, options)
@@ -110,23 +116,45 @@ impl Target {
                     client: Connection::Tessera(client),
                 })
             }
-            TargetSpec::OpenAi { base_url, model } => {
+            TargetSpec::OpenAi {
+                base_url,
+                model,
+                ca_cert,
+            } => {
                 let error = |reason: String| BenchError::Target {
                     target: base_url.clone(),
                     reason,
                 };
                 let base = base_url.trim().trim_end_matches('/').to_string();
-                if !base.starts_with("http://") {
+                let https = base.starts_with("https://");
+                if !https && !base.starts_with("http://") {
                     return Err(error(
-                        "the base URL must start with http:// (TLS is not supported), e.g. \
+                        "the base URL must start with http:// or https://, e.g. \
                          http://127.0.0.1:8000/v1"
                             .into(),
                     ));
                 }
-                let http = reqwest::Client::builder()
-                    .connect_timeout(CONNECT_TIMEOUT)
-                    .build()
-                    .map_err(|e| error(error_text(&e)))?;
+                let mut builder = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
+                match (https, ca_cert) {
+                    (true, Some(path)) => {
+                        let pem = std::fs::read(path)
+                            .map_err(|e| error(format!("{}: {e}", path.display())))?;
+                        let ca = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                            error(format!("{}: {}", path.display(), error_text(&e)))
+                        })?;
+                        builder = builder
+                            .tls_built_in_root_certs(false)
+                            .add_root_certificate(ca);
+                    }
+                    (false, Some(_)) => {
+                        return Err(error(
+                            "a CA certificate is for https:// base URLs; this one is plaintext"
+                                .into(),
+                        ))
+                    }
+                    (_, None) => {}
+                }
+                let http = builder.build().map_err(|e| error(error_text(&e)))?;
                 let models = http
                     .get(format!("{base}/models"))
                     .timeout(CONNECT_TIMEOUT * 2)
@@ -280,7 +308,9 @@ fn grpc_failure(e: ClientError) -> Failure {
     let status = match &e {
         ClientError::Status(s) => code_name(s.code()),
         ClientError::Protocol(_) => Failure::PROTOCOL,
-        ClientError::Connect { .. } | ClientError::InvalidEndpoint { .. } => Failure::TRANSPORT,
+        ClientError::Connect { .. } | ClientError::InvalidEndpoint { .. } | ClientError::Tls(_) => {
+            Failure::TRANSPORT
+        }
     };
     Failure::new(status, e.to_string())
 }

@@ -21,14 +21,17 @@ use crate::blocks::BlockManager;
 use crate::config::{defaults, CoordinatorConfig, ModelSource};
 use crate::error::StartError;
 use crate::membership::Membership;
+use crate::registration::RegistrationListener;
 use crate::scheduler::{BatchLimits, Scheduler};
 use crate::state::{fail, ClusterState, StateRx, StateTx};
+use crate::tls::CoordinatorTls;
 use crate::workers::{ShardedClient, WorkerClient};
 
 /// A running coordinator.
 pub struct Coordinator {
     addr: SocketAddr,
     http_addr: Option<SocketAddr>,
+    registration_addr: Option<SocketAddr>,
     state: StateRx,
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<(), StartError>>,
@@ -71,6 +74,7 @@ impl Coordinator {
         }
         let world = plan.world_size();
         let generation = rand::random::<u64>() | 1;
+        let tls = CoordinatorTls::load(&config)?;
 
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
@@ -116,7 +120,20 @@ impl Coordinator {
                 let _ = rx.wait_for(|s| *s).await;
             }
         };
-        let server = Server::builder()
+        let registration = match config.registration_listen() {
+            None => None,
+            Some(at) => Some(
+                RegistrationListener::open(
+                    at,
+                    membership.clone(),
+                    tls.registration()?,
+                    stop_rx.clone(),
+                )
+                .await?,
+            ),
+        };
+        let grpc_tls = tls.grpc()?;
+        let router = Server::builder()
             .tcp_nodelay(true)
             .add_service(health_service)
             .add_service(reflection)
@@ -125,12 +142,18 @@ impl Coordinator {
                 GenerationServer::new(api.clone())
                     .max_decoding_message_size(defaults::MAX_MESSAGE_BYTES),
             )
-            .add_service(ClusterServer::new(membership.clone()))
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                server_stop,
+            .add_optional_service(
+                registration
+                    .is_none()
+                    .then(|| ClusterServer::new(membership.clone())),
             );
-        let server = tokio::spawn(server);
+        let server = tokio::spawn(tessera_tls::serve_grpc(
+            router,
+            listener,
+            grpc_tls,
+            "gRPC API",
+            server_stop,
+        ));
 
         let http = match &config.http_listen {
             None => None,
@@ -147,20 +170,31 @@ impl Coordinator {
                 })?;
                 let mut rx = stop_rx.clone();
                 let app = crate::http::router(api.clone());
+                let http_tls = tls.http()?;
                 let task = tokio::spawn(async move {
                     let stopped = async move {
                         let _ = rx.wait_for(|s| *s).await;
                     };
                     // Without TCP_NODELAY each streamed event after the first waits for
                     // the client's delayed ACK (up to 40 ms on Linux), which bunches
-                    // tokens and adds that much to the time to first token.
-                    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                        let _ = tcp.set_nodelay(true);
-                    });
-                    if let Err(e) = axum::serve(listener, app)
-                        .with_graceful_shutdown(stopped)
-                        .await
-                    {
+                    // tokens and adds that much to the time to first token. (The TLS
+                    // listener sets it itself.)
+                    let served = match http_tls {
+                        None => {
+                            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                                let _ = tcp.set_nodelay(true);
+                            });
+                            axum::serve(listener, app)
+                                .with_graceful_shutdown(stopped)
+                                .await
+                        }
+                        Some(tls) => {
+                            axum::serve(tls.incoming(listener, "HTTP API"), app)
+                                .with_graceful_shutdown(stopped)
+                                .await
+                        }
+                    };
+                    if let Err(e) = served {
                         warn!("HTTP server: {e}");
                     }
                 });
@@ -190,7 +224,11 @@ impl Coordinator {
                 }
             });
         }
-        info!(%addr, "coordinator listening (gRPC API and worker registration)");
+        let registration_addr = registration.as_ref().map(|r| r.addr);
+        match registration_addr {
+            None => info!(%addr, "coordinator listening (gRPC API and worker registration)"),
+            Some(_) => info!(%addr, "coordinator listening (gRPC API)"),
+        }
 
         let bring_up = BringUp {
             config,
@@ -204,6 +242,7 @@ impl Coordinator {
             api,
             state_tx,
             stop: stop_rx,
+            worker_tls: tls.workers(),
         };
         let task = tokio::spawn(async move {
             let result = bring_up.run().await;
@@ -212,11 +251,15 @@ impl Coordinator {
             if let Some((_, task)) = http {
                 task.abort();
             }
+            if let Some(r) = registration {
+                r.task.abort();
+            }
             result
         });
         Ok(Coordinator {
             addr,
             http_addr,
+            registration_addr,
             state: state_rx,
             stop,
             task,
@@ -231,6 +274,12 @@ impl Coordinator {
     /// The bound address of the HTTP API, when it listens.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
+    }
+
+    /// Where workers register: the registration listener when there is one, else the
+    /// gRPC listener.
+    pub fn registration_addr(&self) -> SocketAddr {
+        self.registration_addr.unwrap_or(self.addr)
     }
 
     /// The cluster's state, to watch for `Serving` or `Failed`.
@@ -266,6 +315,8 @@ struct BringUp {
     api: GenerationService,
     state_tx: StateTx,
     stop: watch::Receiver<bool>,
+    /// How to dial the workers; `None`: plaintext.
+    worker_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl BringUp {
@@ -372,7 +423,7 @@ impl BringUp {
         let clients = registered
             .iter()
             .zip(&self.plan.shards)
-            .map(|(r, s)| WorkerClient::new(r, s.clone()))
+            .map(|(r, s)| WorkerClient::new(r, s.clone(), self.worker_tls.as_ref()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(StartError::BringUp)?;
         let mut workers = ShardedClient::new(clients, self.generation);

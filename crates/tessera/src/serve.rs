@@ -5,6 +5,7 @@
 //! (so even a SIGKILL of `serve` takes the workers down), and on Ctrl-C or SIGTERM they
 //! are stopped before `serve` exits.
 
+use std::ffi::OsString;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,7 @@ use tessera_coordinator::{ClusterState, Coordinator, CoordinatorConfig, ModelSou
 use tracing::{info, warn};
 
 use crate::cluster_args::ClusterArgs;
+use crate::tls_args::ClusterTlsArgs;
 
 /// The model `tessera serve` runs with no flags: small enough for any laptop.
 pub const DEFAULT_PRESET: &str = "gpt2-tiny";
@@ -65,6 +67,9 @@ pub fn config(args: &ServeArgs) -> Result<CoordinatorConfig> {
     if c.http_listen.is_none() {
         c.http_listen = Some(tessera_coordinator::config::defaults::SERVE_HTTP_LISTEN.into());
     }
+    if c.cluster_tls.is_some() && c.cluster_listen.is_none() {
+        c.cluster_listen = Some(tessera_coordinator::config::defaults::SERVE_CLUSTER_LISTEN.into());
+    }
     c.register_timeout = Duration::from_secs(60);
     c.validate()?;
     Ok(c)
@@ -76,7 +81,8 @@ struct Workers {
 }
 
 impl Workers {
-    fn spawn(n: usize, coordinator: &str, threads: usize, device: &[String]) -> Result<Workers> {
+    /// `n` workers registering at `coordinator`, with `extra` flags (device, TLS).
+    fn spawn(n: usize, coordinator: &str, threads: usize, extra: &[OsString]) -> Result<Workers> {
         let exe = std::env::current_exe().context("cannot find the tessera executable")?;
         let mut workers = Workers {
             children: Vec::with_capacity(n),
@@ -86,7 +92,7 @@ impl Workers {
             cmd.args(["worker", "--coordinator", coordinator])
                 .args(["--listen", "127.0.0.1:0"])
                 .args(["--threads", &threads.to_string()])
-                .args(device)
+                .args(extra)
                 .stdin(Stdio::null());
             #[cfg(target_os = "linux")]
             {
@@ -167,13 +173,8 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     // Workers are spawned from this (the main) thread: the parent-death signal fires when
     // the thread that forked a child exits, and the main thread lives as long as we do.
     let coordinator = runtime.block_on(Coordinator::start(config.clone()))?;
-    let addr = coordinator.local_addr();
-    let dial = if addr.ip().is_unspecified() {
-        format!("127.0.0.1:{}", addr.port())
-    } else {
-        addr.to_string()
-    };
-    let device: Vec<String> = match args.backend.as_str() {
+    let dial = dialable(coordinator.local_addr());
+    let mut extra: Vec<OsString> = match args.backend.as_str() {
         "sim" => vec![
             "--backend".into(),
             "sim".into(),
@@ -181,10 +182,22 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             args.gpu.clone(),
             "--gpus-per-node".into(),
             args.gpus_per_node.to_string(),
-        ],
+        ]
+        .into_iter()
+        .map(OsString::from)
+        .collect(),
         _ => Vec::new(),
     };
-    let mut workers = Workers::spawn(world, &dial, per_worker, &device)?;
+    if let Some(files) = &config.cluster_tls {
+        extra.extend(ClusterTlsArgs::to_args(files));
+    }
+    let register_at = dialable(coordinator.registration_addr());
+    let mut workers = Workers::spawn(world, &register_at, per_worker, &extra)?;
+    // What clients dial: the scheme says whether the API speaks TLS.
+    let (grpc, http_scheme) = match config.tls {
+        Some(_) => (format!("https://{dial}"), "https"),
+        None => (dial.clone(), "http"),
+    };
     let stop = coordinator.stopper();
     let mut state = coordinator.state();
 
@@ -215,17 +228,29 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             String::new()
         };
         println!(
-            "Tessera is serving {} (tp={} pp={}, {} worker processes{on}) on {dial}",
+            "Tessera is serving {} (tp={} pp={}, {} worker processes{on}) on {grpc}",
             describe(&config.model),
             config.tp,
             config.pp,
             world
         );
-        println!("  gRPC API:   {dial} (tessera.v1.Generation, grpc.health.v1, reflection)");
+        println!("  gRPC API:   {grpc} (tessera.v1.Generation, grpc.health.v1, reflection)");
         if let Some(http) = coordinator.http_addr() {
-            println!("  OpenAI API: http://{http}/v1 (completions, models; also /health, /metrics)");
+            println!(
+                "  OpenAI API: {http_scheme}://{http}/v1 (completions, models; also /health, /metrics)"
+            );
         }
-        println!("  try:        tessera generate --endpoint {dial} --prompt \"The cluster\" --stream");
+        if config.cluster_tls.is_some() {
+            println!("  workers:    mutual TLS, registering at {register_at}");
+        }
+        let trust = if config.tls.is_some() {
+            " --ca-cert CA.pem"
+        } else {
+            ""
+        };
+        println!(
+            "  try:        tessera generate --endpoint {grpc}{trust} --prompt \"The cluster\" --stream"
+        );
         println!("Ctrl-C stops the cluster.");
         let mut reported = false;
         loop {
@@ -251,6 +276,15 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     workers.stop(Duration::from_secs(3));
     runtime.shutdown_timeout(Duration::from_secs(1));
     outcome
+}
+
+/// An address to dial: a listener on every interface is reached on 127.0.0.1.
+fn dialable(addr: std::net::SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("127.0.0.1:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
 }
 
 fn describe(m: &ModelSource) -> String {
