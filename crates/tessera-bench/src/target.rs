@@ -6,6 +6,7 @@
 //! an unparsable chunk, the timeout) becomes its [`Failure`]; only [`Target::connect`]
 //! returns errors.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -22,21 +23,25 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Where to send requests.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TargetSpec {
-    /// A Tessera cluster's gRPC endpoint, `host:port`.
+    /// A Tessera cluster's gRPC endpoint, `host:port` or `https://host:port`.
     Tessera {
         /// The endpoint.
         endpoint: String,
         /// The key of a cluster that requires one.
         api_key: Option<ApiKey>,
+        /// For `https://`: a PEM file of the CA to trust instead of the system's roots.
+        ca_cert: Option<PathBuf>,
     },
     /// An OpenAI-compatible server.
     OpenAi {
-        /// The API's base URL, e.g. `http://127.0.0.1:8000/v1`.
+        /// The API's base URL, e.g. `http://127.0.0.1:8000/v1` or `https://…`.
         base_url: String,
         /// The model to ask for; `None`: the first of `GET {base}/models`.
         model: Option<String>,
         /// Sent as `Authorization: Bearer <key>` on every request, when given.
         api_key: Option<ApiKey>,
+        /// For `https://`: a PEM file of the CA to trust instead of the system's roots.
+        ca_cert: Option<PathBuf>,
     },
 }
 
@@ -86,7 +91,11 @@ impl Target {
     /// split and the vocabulary.
     pub async fn connect(spec: &TargetSpec) -> Result<Target, BenchError> {
         match spec {
-            TargetSpec::Tessera { endpoint, api_key } => {
+            TargetSpec::Tessera {
+                endpoint,
+                api_key,
+                ca_cert,
+            } => {
                 let error = |e: ClientError| BenchError::Target {
                     target: endpoint.clone(),
                     reason: e.to_string(),
@@ -94,6 +103,7 @@ impl Target {
                 let options = tessera_client::ClientOptions {
                     connect_timeout: CONNECT_TIMEOUT,
                     api_key: api_key.clone(),
+                    ca_cert: ca_cert.clone(),
                     ..Default::default()
                 };
                 let mut client = Client::connect_with(endpoint, options)
@@ -119,15 +129,17 @@ impl Target {
                 base_url,
                 model,
                 api_key,
+                ca_cert,
             } => {
                 let error = |reason: String| BenchError::Target {
                     target: base_url.clone(),
                     reason,
                 };
                 let base = base_url.trim().trim_end_matches('/').to_string();
-                if !base.starts_with("http://") {
+                let https = base.starts_with("https://");
+                if !https && !base.starts_with("http://") {
                     return Err(error(
-                        "the base URL must start with http:// (TLS is not supported), e.g. \
+                        "the base URL must start with http:// or https://, e.g. \
                          http://127.0.0.1:8000/v1"
                             .into(),
                     ));
@@ -140,11 +152,29 @@ impl Target {
                     bearer.set_sensitive(true);
                     headers.insert(reqwest::header::AUTHORIZATION, bearer);
                 }
-                let http = reqwest::Client::builder()
+                let mut builder = reqwest::Client::builder()
                     .connect_timeout(CONNECT_TIMEOUT)
-                    .default_headers(headers)
-                    .build()
-                    .map_err(|e| error(error_text(&e)))?;
+                    .default_headers(headers);
+                match (https, ca_cert) {
+                    (true, Some(path)) => {
+                        let pem = std::fs::read(path)
+                            .map_err(|e| error(format!("{}: {e}", path.display())))?;
+                        let ca = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                            error(format!("{}: {}", path.display(), error_text(&e)))
+                        })?;
+                        builder = builder
+                            .tls_built_in_root_certs(false)
+                            .add_root_certificate(ca);
+                    }
+                    (false, Some(_)) => {
+                        return Err(error(
+                            "a CA certificate is for https:// base URLs; this one is plaintext"
+                                .into(),
+                        ))
+                    }
+                    (_, None) => {}
+                }
+                let http = builder.build().map_err(|e| error(error_text(&e)))?;
                 let models = http
                     .get(format!("{base}/models"))
                     .timeout(CONNECT_TIMEOUT * 2)
@@ -308,7 +338,8 @@ fn grpc_failure(e: ClientError) -> Failure {
         ClientError::Protocol(_) => Failure::PROTOCOL,
         ClientError::Connect { .. }
         | ClientError::InvalidEndpoint { .. }
-        | ClientError::InvalidApiKey(_) => Failure::TRANSPORT,
+        | ClientError::InvalidApiKey(_)
+        | ClientError::Tls(_) => Failure::TRANSPORT,
     };
     Failure::new(status, e.to_string())
 }

@@ -2,6 +2,7 @@
 
 use std::error::Error as _;
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tessera_proto::v1::generation_client::GenerationClient;
@@ -31,6 +32,9 @@ pub struct ClientOptions {
     /// The key to send, as `authorization: Bearer <key>`, to a server that requires one
     /// (`tessera serve --api-key-file`). `None`: no key is sent.
     pub api_key: Option<ApiKey>,
+    /// For `https://` endpoints: a PEM file of the CA to trust (a private CA, such as the
+    /// one `tessera certs` makes), in place of the system's root certificates.
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl Default for ClientOptions {
@@ -40,6 +44,7 @@ impl Default for ClientOptions {
             call_timeout: None,
             max_decoding_message_bytes: 16 << 20,
             api_key: None,
+            ca_cert: None,
         }
     }
 }
@@ -57,15 +62,18 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to `host:port` or `http://host:port` with the default [`ClientOptions`].
+    /// Connects to `host:port`, `http://host:port` or `https://host:port` with the default
+    /// [`ClientOptions`].
     pub async fn connect(endpoint: &str) -> Result<Client, ClientError> {
         Client::connect_with(endpoint, ClientOptions::default()).await
     }
 
     /// Connects with explicit options.
     ///
-    /// Fails with [`ClientError::Connect`], naming the endpoint, when nothing listens there
-    /// or nothing answers within `connect_timeout`.
+    /// Fails with [`ClientError::Connect`], naming the endpoint, when nothing listens there,
+    /// nothing answers within `connect_timeout`, or the TLS handshake fails (the reason
+    /// then says which certificate was refused and why); with [`ClientError::Tls`] when
+    /// `ca_cert` cannot be read or is given for a plaintext endpoint.
     pub async fn connect_with(
         endpoint: &str,
         options: ClientOptions,
@@ -81,9 +89,26 @@ impl Client {
                 options.connect_timeout.as_secs_f64()
             ))
         };
-        let channel_endpoint = Endpoint::from_shared(uri)
+        let https = uri.starts_with("https://");
+        let mut channel_endpoint = Endpoint::from_shared(uri)
             .map_err(|e| connect_error(error_chain(&e)))?
             .connect_timeout(options.connect_timeout);
+        match (https, &options.ca_cert) {
+            (true, ca_cert) => {
+                let tls = tessera_tls::client_tls(ca_cert.as_deref())
+                    .map_err(|e| ClientError::Tls(e.to_string()))?;
+                channel_endpoint = channel_endpoint
+                    .tls_config(tls)
+                    .map_err(|e| ClientError::Tls(error_chain(&e)))?;
+            }
+            (false, Some(_)) => {
+                return Err(ClientError::Tls(format!(
+                    "a CA certificate is for https:// endpoints; `{}` is plaintext",
+                    endpoint.trim()
+                )))
+            }
+            (false, None) => {}
+        }
         // `connect_timeout` bounds the TCP connect; the outer timeout also bounds a peer
         // that accepts the connection but never completes the HTTP/2 handshake.
         let channel =
@@ -202,8 +227,11 @@ fn is_timeout(error: &tonic::transport::Error) -> bool {
 /// The innermost cause of a transport error, which is the one that says what happened
 /// (`Connection refused (os error 111)`), lower-cased the way Rust error messages read.
 /// The outer layers ("transport error", "client error (Connect)") add nothing a person
-/// can act on.
+/// can act on. A failed TLS handshake says which certificate was refused and why.
 fn error_chain(error: &tonic::transport::Error) -> String {
+    if let Some(failure) = tessera_tls::HandshakeFailure::find(error) {
+        return failure.describe("the server");
+    }
     let mut innermost: &dyn std::error::Error = error;
     while let Some(e) = innermost.source() {
         innermost = e;

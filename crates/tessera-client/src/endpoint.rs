@@ -1,13 +1,14 @@
-//! Turning what a person types (`host:port`, `http://host:port`) into a URI tonic accepts.
+//! Turning what a person types (`host:port`, `http://host:port`, `https://host:port`) into
+//! a URI tonic accepts.
 
 use crate::ClientError;
 
-/// The URI (`http://host:port`) of an endpoint given as `host:port` or `http://host:port`.
+/// The URI of an endpoint given as `host:port`, `http://host:port` (plaintext HTTP/2) or
+/// `https://host:port` (TLS): `http://` unless the endpoint says `https://`.
 ///
 /// The port is required: a bare `http://host` would silently mean port 80, which is never
 /// where a Tessera coordinator listens. IPv6 hosts go in brackets (`[::1]:50051`). A
-/// trailing `/` is tolerated; a path, another scheme, or `https://` (this client speaks
-/// plaintext HTTP/2 only) is refused with a reason.
+/// trailing `/` is tolerated; a path or another scheme is refused with a reason.
 pub fn endpoint_uri(endpoint: &str) -> Result<String, ClientError> {
     let original = endpoint;
     let invalid = |reason: &str| ClientError::InvalidEndpoint {
@@ -18,15 +19,11 @@ pub fn endpoint_uri(endpoint: &str) -> Result<String, ClientError> {
     if endpoint.is_empty() {
         return Err(invalid("it is empty; give host:port, e.g. 127.0.0.1:50051"));
     }
-    let authority = match endpoint.split_once("://") {
-        None => endpoint,
-        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
-        Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => {
-            return Err(invalid(
-                "TLS is not supported; use http://host:port or host:port",
-            ))
-        }
-        Some(_) => return Err(invalid("the scheme must be http (or none)")),
+    let (scheme, authority) = match endpoint.split_once("://") {
+        None => ("http", endpoint),
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => ("http", rest),
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("https") => ("https", rest),
+        Some(_) => return Err(invalid("the scheme must be http or https (or none)")),
     };
     let authority = authority.strip_suffix('/').unwrap_or(authority);
     if authority.contains('/') {
@@ -64,7 +61,7 @@ pub fn endpoint_uri(endpoint: &str) -> Result<String, ClientError> {
     if port == 0 {
         return Err(invalid("the port must be a number from 1 to 65535"));
     }
-    let uri = format!("http://{host}:{port}");
+    let uri = format!("{scheme}://{host}:{port}");
     // Anything left that `http::Uri` would reject (spaces, odd characters in the host).
     tonic::transport::Endpoint::from_shared(uri.clone())
         .map_err(|_| invalid("the host is not a valid host name or address"))?;
@@ -118,6 +115,19 @@ mod tests {
     }
 
     #[test]
+    fn https_is_kept() {
+        assert_eq!(
+            endpoint_uri("https://tessera.internal:443").unwrap(),
+            "https://tessera.internal:443"
+        );
+        assert_eq!(
+            endpoint_uri("HTTPS://[::1]:50051/").unwrap(),
+            "https://[::1]:50051"
+        );
+        assert!(reason("https://host").contains("port is missing"));
+    }
+
+    #[test]
     fn ipv6_needs_brackets() {
         assert_eq!(endpoint_uri("[::1]:50051").unwrap(), "http://[::1]:50051");
         assert_eq!(
@@ -149,7 +159,6 @@ mod tests {
         assert!(reason("").contains("empty"));
         assert!(reason("   ").contains("empty"));
         assert!(reason(":50051").contains("host is empty"));
-        assert!(reason("https://host:443").contains("TLS"));
         assert!(reason("grpc://host:50051").contains("scheme"));
         assert!(reason("http://host:50051/v1").contains("path"));
         assert!(reason("user@host:50051").contains("user info"));

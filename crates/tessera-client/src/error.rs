@@ -10,7 +10,7 @@ use tonic::{Code, Status};
 /// …`), the way gRPC tools print statuses, so a CLI can print `error: {e}` as it is.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The endpoint string is not `host:port` or `http://host:port`.
+    /// The endpoint string is not `host:port`, `http://host:port` or `https://host:port`.
     #[error("invalid endpoint `{endpoint}`: {reason}")]
     InvalidEndpoint {
         /// The endpoint as given.
@@ -29,6 +29,10 @@ pub enum ClientError {
         /// The cause, e.g. `connection refused` or `no answer within 5 s`.
         reason: String,
     },
+    /// TLS could not be set up: an unreadable CA certificate, or one given for a plaintext
+    /// endpoint.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The call ended with a gRPC status other than OK (from the server, or
     /// `DEADLINE_EXCEEDED` from this client's own per-call timeout).
     #[error("{}", StatusLine(.0))]

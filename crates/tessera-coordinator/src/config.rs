@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tessera_tls::{ClusterTlsFiles, ServerTlsFiles};
 
 use crate::error::StartError;
 
@@ -14,6 +15,12 @@ pub mod defaults {
     pub const LISTEN: &str = "0.0.0.0:50051";
     /// Address of the OpenAI-compatible HTTP API of `tessera serve`.
     pub const SERVE_HTTP_LISTEN: &str = "127.0.0.1:8000";
+    /// Address of worker registration when the cluster has a CA (mutual TLS) and no
+    /// `cluster_listen` says otherwise.
+    pub const CLUSTER_LISTEN: &str = "0.0.0.0:50052";
+    /// Address of worker registration of `tessera serve` when the cluster has a CA: its
+    /// workers run on this machine.
+    pub const SERVE_CLUSTER_LISTEN: &str = "127.0.0.1:0";
     /// Weight storage dtype.
     pub const DTYPE: &str = "f32";
     /// Tokens per KV-cache block.
@@ -98,6 +105,16 @@ pub struct ClusterSection {
     /// Keys the public APIs require (one per line); none: the APIs are open.
     pub api_key_file: Option<PathBuf>,
     pub http_read_timeout_ms: Option<u64>,
+    /// Where workers register, when not on `listen`.
+    pub cluster_listen: Option<String>,
+    /// The public API's certificate and key (PEM): gRPC and HTTP then speak TLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA and this coordinator's certificate and key (PEM): mutual TLS with
+    /// the workers.
+    pub cluster_ca: Option<PathBuf>,
+    pub cluster_cert: Option<PathBuf>,
+    pub cluster_key: Option<PathBuf>,
 }
 
 /// The `[scheduler]` section.
@@ -174,6 +191,13 @@ pub struct CoordinatorConfig {
     pub api_key_file: Option<PathBuf>,
     /// How long an HTTP client may take to send a request's headers, and then its body.
     pub http_read_timeout: Duration,
+    /// Where workers register: `None` shares `listen` with the public API, unless the
+    /// cluster has a CA, which moves it to [`defaults::CLUSTER_LISTEN`].
+    pub cluster_listen: Option<String>,
+    /// TLS of the public gRPC and HTTP APIs; plaintext when absent.
+    pub tls: Option<ServerTlsFiles>,
+    /// Mutual TLS with the workers; plaintext when absent.
+    pub cluster_tls: Option<ClusterTlsFiles>,
 }
 
 impl CoordinatorConfig {
@@ -199,6 +223,25 @@ impl CoordinatorConfig {
             connect_timeout: Duration::from_millis(defaults::CONNECT_TIMEOUT_MS),
             api_key_file: None,
             http_read_timeout: Duration::from_millis(defaults::HTTP_READ_TIMEOUT_MS),
+            cluster_listen: None,
+            tls: None,
+            cluster_tls: None,
+        }
+    }
+
+    /// Where workers register, or `None` when they register on `listen`, next to the
+    /// public API.
+    ///
+    /// With a cluster CA, registration always has a listener of its own, which requires a
+    /// client certificate the CA signed. The public API cannot require one (its clients
+    /// have none), and asking for certificates optionally on a shared listener would leave
+    /// every RPC of the `Cluster` service to check the caller itself; on a listener of its
+    /// own, a caller without a member's certificate never gets past the handshake.
+    pub fn registration_listen(&self) -> Option<&str> {
+        match (&self.cluster_listen, &self.cluster_tls) {
+            (Some(at), _) => Some(at),
+            (None, Some(_)) => Some(defaults::CLUSTER_LISTEN),
+            (None, None) => None,
         }
     }
 
@@ -249,6 +292,34 @@ impl CoordinatorConfig {
         if let Some(ms) = cl.http_read_timeout_ms {
             c.http_read_timeout = Duration::from_millis(ms);
         }
+        if let Some(l) = &cl.cluster_listen {
+            c.cluster_listen = Some(l.clone());
+        }
+        c.tls = match (&cl.tls_cert, &cl.tls_key) {
+            (Some(cert), Some(key)) => Some(ServerTlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(StartError::Config(
+                    "cluster: give `tls_cert` and `tls_key` together".into(),
+                ))
+            }
+        };
+        c.cluster_tls = match (&cl.cluster_ca, &cl.cluster_cert, &cl.cluster_key) {
+            (Some(ca), Some(cert), Some(key)) => Some(ClusterTlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (None, None, None) => None,
+            _ => {
+                return Err(StartError::Config(
+                    "cluster: give `cluster_ca`, `cluster_cert` and `cluster_key` together".into(),
+                ))
+            }
+        };
         c.kv_block_tokens = s.kv_block_tokens.unwrap_or(c.kv_block_tokens);
         c.kv_cache_bytes = s.kv_cache_bytes.or(c.kv_cache_bytes);
         c.kv_memory_fraction = s.kv_memory_fraction.unwrap_or(c.kv_memory_fraction);
@@ -330,6 +401,36 @@ mod tests {
         assert!(e.to_string().contains("tp"), "{e}");
         let file = ConfigFile::parse("[model]\n").unwrap();
         assert!(CoordinatorConfig::from_file(&file).is_err());
+        let file = ConfigFile::parse(
+            "[model]\npreset = \"gpt2\"\n[cluster]\ncluster_ca = \"ca.pem\"\ncluster_cert = \"n.pem\"\n",
+        )
+        .unwrap();
+        let e = CoordinatorConfig::from_file(&file).unwrap_err();
+        assert!(e.to_string().contains("cluster_key"), "{e}");
+    }
+
+    #[test]
+    fn a_cluster_ca_moves_registration_to_a_listener_of_its_own() {
+        let file = ConfigFile::parse(
+            "[model]\npreset = \"gpt2\"\n[cluster]\ntls_cert = \"s.pem\"\ntls_key = \"s-key.pem\"\n",
+        )
+        .unwrap();
+        let c = CoordinatorConfig::from_file(&file).unwrap();
+        assert!(c.tls.is_some());
+        assert_eq!(
+            c.registration_listen(),
+            None,
+            "public TLS alone shares the listener"
+        );
+        let file = ConfigFile::parse(
+            "[model]\npreset = \"gpt2\"\n[cluster]\ncluster_ca = \"ca.pem\"\n\
+             cluster_cert = \"n.pem\"\ncluster_key = \"n-key.pem\"\n",
+        )
+        .unwrap();
+        let mut c = CoordinatorConfig::from_file(&file).unwrap();
+        assert_eq!(c.registration_listen(), Some(defaults::CLUSTER_LISTEN));
+        c.cluster_listen = Some("10.0.0.1:7000".into());
+        assert_eq!(c.registration_listen(), Some("10.0.0.1:7000"));
     }
 
     #[test]

@@ -99,4 +99,7 @@ pub enum StartError {
     /// The gRPC server stopped with an error.
     #[error("gRPC server: {0}")]
     Server(#[from] tonic::transport::Error),
+    /// A certificate or key could not be loaded, or cannot serve.
+    #[error("TLS: {0}")]
+    Tls(#[from] tessera_tls::TlsError),
 }

@@ -33,9 +33,8 @@ use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
 use tessera_proto::v1::{FinishReason, GenerateRequest, GenerateStreamResponse};
-use tokio::net::TcpListener;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::api::{self, GenerationService};
 use crate::auth::{count_refusal, ApiKeys, AuthError};
@@ -82,16 +81,22 @@ struct Limits {
 
 /// Serves `app` on `listener` until `stop` completes, then lets open requests finish.
 ///
+/// The listener yields plain TCP connections (give them TCP_NODELAY with
+/// [`axum::serve::ListenerExt::tap_io`]) or, with TLS, connections whose handshake has
+/// finished (`tessera_tls::TlsIncoming`, which bounds the handshake itself).
+///
 /// HTTP/1.1 only: a client must send a request's headers within `read_timeout` (else the
 /// connection is closed; that includes a connection that sends nothing, and an idle
 /// keep-alive one) and in at most [`defaults::MAX_HTTP_HEADER_BYTES`] (else 431). The
 /// routes' own layer bounds the body the same way (408, 413).
-pub async fn serve(
-    listener: TcpListener,
+pub async fn serve<L>(
+    mut listener: L,
     app: Router,
     read_timeout: Duration,
     stop: impl Future<Output = ()>,
-) {
+) where
+    L: axum::serve::Listener,
+{
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::server::graceful::GracefulShutdown;
     use hyper_util::service::TowerToHyperService;
@@ -104,24 +109,14 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     tokio::pin!(stop);
     loop {
-        let tcp = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    // Out of file descriptors, most likely: wait rather than spin.
-                    warn!("HTTP accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        // `accept` retries failed accepts (e.g. out of file descriptors) itself, pausing
+        // between tries rather than spinning.
+        let io = tokio::select! {
+            (io, _) = listener.accept() => io,
             () = &mut stop => break,
         };
-        // Without TCP_NODELAY each streamed event after the first waits for the client's
-        // delayed ACK (up to 40 ms on Linux), which bunches tokens and adds that much to
-        // the time to first token.
-        let _ = tcp.set_nodelay(true);
         let connection =
-            http1.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
+            http1.serve_connection(TokioIo::new(io), TowerToHyperService::new(app.clone()));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {

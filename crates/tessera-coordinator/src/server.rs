@@ -43,14 +43,17 @@ use crate::config::{defaults, CoordinatorConfig, ModelSource};
 use crate::error::StartError;
 use crate::membership::{Membership, Registered};
 use crate::metrics as m;
+use crate::registration::RegistrationListener;
 use crate::scheduler::{BatchLimits, Scheduler};
 use crate::state::{fail, recover, ClusterState, StateRx, StateTx};
+use crate::tls::CoordinatorTls;
 use crate::workers::{ShardedClient, WorkerClient};
 
 /// A running coordinator.
 pub struct Coordinator {
     addr: SocketAddr,
     http_addr: Option<SocketAddr>,
+    registration_addr: Option<SocketAddr>,
     state: StateRx,
     stop: watch::Sender<bool>,
     vacated: Option<mpsc::UnboundedReceiver<Registered>>,
@@ -103,6 +106,7 @@ impl Coordinator {
         }
         let world = plan.world_size();
         let generation = rand::random::<u64>() | 1;
+        let tls = CoordinatorTls::load(&config)?;
 
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
@@ -148,7 +152,20 @@ impl Coordinator {
                 let _ = rx.wait_for(|s| *s).await;
             }
         };
-        let server = Server::builder()
+        let registration = match config.registration_listen() {
+            None => None,
+            Some(at) => Some(
+                RegistrationListener::open(
+                    at,
+                    membership.clone(),
+                    tls.registration()?,
+                    stop_rx.clone(),
+                )
+                .await?,
+            ),
+        };
+        let grpc_tls = tls.grpc()?;
+        let router = Server::builder()
             .tcp_nodelay(true)
             .add_service(health_service)
             .add_service(reflection)
@@ -158,12 +175,18 @@ impl Coordinator {
                     .max_decoding_message_size(defaults::MAX_MESSAGE_BYTES),
                 GrpcAuth::new(api_keys.clone()),
             ))
-            .add_service(ClusterServer::new(membership.clone()))
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                server_stop,
+            .add_optional_service(
+                registration
+                    .is_none()
+                    .then(|| ClusterServer::new(membership.clone())),
             );
-        let server = tokio::spawn(server);
+        let server = tokio::spawn(tessera_tls::serve_grpc(
+            router,
+            listener,
+            grpc_tls,
+            "gRPC API",
+            server_stop,
+        ));
 
         let http = match &config.http_listen {
             None => None,
@@ -181,11 +204,27 @@ impl Coordinator {
                 let mut rx = stop_rx.clone();
                 let read_timeout = config.http_read_timeout;
                 let app = crate::http::router(api.clone(), api_keys.clone(), read_timeout);
+                let http_tls = tls.http()?;
                 let task = tokio::spawn(async move {
                     let stopped = async move {
                         let _ = rx.wait_for(|s| *s).await;
                     };
-                    crate::http::serve(listener, app, read_timeout, stopped).await;
+                    match http_tls {
+                        None => {
+                            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                                // Without TCP_NODELAY each streamed event after the first
+                                // waits for the client's delayed ACK (up to 40 ms on
+                                // Linux), which bunches tokens and adds that much to the
+                                // time to first token. (The TLS listener sets it itself.)
+                                let _ = tcp.set_nodelay(true);
+                            });
+                            crate::http::serve(listener, app, read_timeout, stopped).await
+                        }
+                        Some(tls) => {
+                            let listener = tls.incoming(listener, "HTTP API");
+                            crate::http::serve(listener, app, read_timeout, stopped).await
+                        }
+                    }
                 });
                 info!(%addr, "OpenAI-compatible HTTP API listening");
                 Some((addr, task))
@@ -213,7 +252,11 @@ impl Coordinator {
                 }
             });
         }
-        info!(%addr, "coordinator listening (gRPC API and worker registration)");
+        let registration_addr = registration.as_ref().map(|r| r.addr);
+        match registration_addr {
+            None => info!(%addr, "coordinator listening (gRPC API and worker registration)"),
+            Some(_) => info!(%addr, "coordinator listening (gRPC API)"),
+        }
 
         let (vacated_tx, vacated) = mpsc::unbounded_channel();
         let bring_up = BringUp {
@@ -230,6 +273,7 @@ impl Coordinator {
             stop: stop_rx,
             vacated: vacated_tx,
             recovering: None,
+            worker_tls: tls.workers(),
         };
         let task = tokio::spawn(async move {
             let result = bring_up.run().await;
@@ -238,11 +282,15 @@ impl Coordinator {
             if let Some((_, task)) = http {
                 task.abort();
             }
+            if let Some(r) = registration {
+                r.task.abort();
+            }
             result
         });
         Ok(Coordinator {
             addr,
             http_addr,
+            registration_addr,
             state: state_rx,
             stop,
             vacated: Some(vacated),
@@ -258,6 +306,12 @@ impl Coordinator {
     /// The bound address of the HTTP API, when it listens.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
+    }
+
+    /// Where workers register: the registration listener when there is one, else the
+    /// gRPC listener.
+    pub fn registration_addr(&self) -> SocketAddr {
+        self.registration_addr.unwrap_or(self.addr)
     }
 
     /// The cluster's state, to watch for `Serving` or `Failed`.
@@ -304,6 +358,8 @@ struct BringUp {
     vacated: mpsc::UnboundedSender<Registered>,
     /// While recovering: the failure that started it.
     recovering: Option<String>,
+    /// How to dial the workers; `None`: plaintext.
+    worker_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl BringUp {
@@ -577,7 +633,7 @@ impl BringUp {
         let clients = registered
             .iter()
             .zip(&self.plan.shards)
-            .map(|(r, s)| WorkerClient::new(r, s.clone()))
+            .map(|(r, s)| WorkerClient::new(r, s.clone(), self.worker_tls.as_ref()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(StartError::BringUp)?;
         Ok(ShardedClient::new(clients, self.generation))

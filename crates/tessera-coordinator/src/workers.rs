@@ -8,7 +8,7 @@ use futures::future::join_all;
 use tessera_model::ShardSpec;
 use tessera_proto::worker::v1 as pb;
 use tessera_proto::worker::v1::worker_client::WorkerClient as RawClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
 use crate::config::defaults;
@@ -35,10 +35,22 @@ pub struct WorkerClient {
 }
 
 impl WorkerClient {
-    /// A lazily connected client of `w`, which holds `spec`.
-    pub fn new(w: &Registered, spec: ShardSpec) -> Result<Self, String> {
-        let endpoint = Endpoint::from_shared(format!("http://{}", w.address))
-            .map_err(|e| format!("worker address {}: {e}", w.address))?
+    /// A lazily connected client of `w`, which holds `spec`; over mutual TLS when `tls`
+    /// is given (the cluster's, from [`ClusterTls::client_tls`](tessera_tls::ClusterTls::client_tls)).
+    pub fn new(
+        w: &Registered,
+        spec: ShardSpec,
+        tls: Option<&ClientTlsConfig>,
+    ) -> Result<Self, String> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", w.address))
+            .map_err(|e| format!("worker address {}: {e}", w.address))?;
+        if let Some(tls) = tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| format!("TLS to the worker at {}: {e}", w.address))?;
+        }
+        let endpoint = endpoint
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10));
@@ -91,8 +103,11 @@ impl WorkerClient {
     }
 }
 
-/// A status as a short phrase for messages.
+/// A status as a short phrase for messages; a failed TLS handshake says what was refused.
 pub fn describe(s: &Status) -> String {
+    if let Some(failure) = tessera_tls::HandshakeFailure::find(s) {
+        return format!("{:?}: {}", s.code(), failure.describe("the worker"));
+    }
     if s.message().is_empty() {
         format!("{:?}", s.code())
     } else {

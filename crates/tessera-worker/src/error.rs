@@ -71,6 +71,14 @@ pub enum WorkerError {
         code: Code,
         message: String,
     },
+    /// The TLS handshake with the coordinator failed: a certificate was refused, or one
+    /// side does not speak TLS.
+    #[error("cannot register with the coordinator at {addr}: {failure}")]
+    Handshake { addr: String, failure: String },
+    /// A certificate or key of `--cluster-ca`, `--cluster-cert`, `--cluster-key` could not
+    /// be loaded, or cannot serve.
+    #[error("cluster TLS: {0}")]
+    Tls(#[from] tessera_tls::TlsError),
     /// The coordinator stopped calling.
     #[error("lost the coordinator at {addr}: no contact for {} s", secs(*.silent))]
     LostCoordinator { addr: String, silent: Duration },
@@ -131,7 +139,8 @@ impl WorkerError {
             WorkerError::Runtime(e) => runtime_code(e),
             WorkerError::Model(e) => model_code(e),
             WorkerError::ShardFailed(_) => Code::Unavailable,
-            WorkerError::InvalidOptions(_) => Code::InvalidArgument,
+            WorkerError::InvalidOptions(_) | WorkerError::Tls(_) => Code::InvalidArgument,
+            WorkerError::Handshake { .. } => Code::Unauthenticated,
             WorkerError::Listen { .. }
             | WorkerError::CoordinatorUnreachable { .. }
             | WorkerError::LostCoordinator { .. }

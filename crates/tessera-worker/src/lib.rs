@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use tessera_proto::worker::v1::cluster_client::ClusterClient;
 use tessera_proto::worker::v1::worker_server::WorkerServer;
 use tessera_proto::worker::v1::{RegisterRequest, RegisterResponse};
+use tessera_tls::{ClusterTls, ClusterTlsFiles, HandshakeFailure};
 use tokio::sync::{oneshot, watch};
 use tonic::transport::{Endpoint, Server};
 use tonic::Code;
@@ -62,6 +63,10 @@ pub struct WorkerOptions {
     /// How long to keep trying to register, and how long the coordinator may stay
     /// silent (no call at all, none in progress) before the worker gives up on it.
     pub coordinator_timeout: Duration,
+    /// Mutual TLS with the coordinator: the `Worker` service then takes only clients
+    /// whose certificate the cluster CA signed, and registration checks the coordinator's.
+    /// Plaintext when absent.
+    pub cluster_tls: Option<ClusterTlsFiles>,
 }
 
 impl WorkerOptions {
@@ -75,6 +80,7 @@ impl WorkerOptions {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             sim: None,
             coordinator_timeout: DEFAULT_COORDINATOR_TIMEOUT,
+            cluster_tls: None,
         }
     }
 
@@ -88,7 +94,7 @@ impl WorkerOptions {
         }
     }
 
-    fn check(&self) -> Result<Endpoint, WorkerError> {
+    fn check(&self, tls: Option<&ClusterTls>) -> Result<Endpoint, WorkerError> {
         match (self.backend.as_str(), &self.sim) {
             ("cpu", None) => {}
             ("sim", Some(sim)) => {
@@ -128,17 +134,34 @@ impl WorkerOptions {
                 "--coordinator-timeout must be positive".into(),
             ));
         }
-        let uri = if self.coordinator.contains("://") {
-            self.coordinator.clone()
-        } else {
-            format!("http://{}", self.coordinator)
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let uri = match self.coordinator.split_once("://") {
+            None => format!("{scheme}://{}", self.coordinator),
+            Some((given, _)) if given == scheme => self.coordinator.clone(),
+            Some(_) => {
+                return Err(WorkerError::InvalidOptions(format!(
+                    "--coordinator `{}`: give host:port{}",
+                    self.coordinator,
+                    if tls.is_some() {
+                        " (with --cluster-ca the worker speaks TLS to it)"
+                    } else {
+                        ""
+                    }
+                )))
+            }
         };
-        Endpoint::from_shared(uri).map_err(|e| {
+        let endpoint = Endpoint::from_shared(uri).map_err(|e| {
             WorkerError::InvalidOptions(format!(
                 "--coordinator `{}` is not host:port: {e}",
                 self.coordinator
             ))
-        })
+        })?;
+        match tls {
+            None => Ok(endpoint),
+            Some(tls) => endpoint
+                .tls_config(tls.client_tls())
+                .map_err(|e| WorkerError::InvalidOptions(format!("cluster TLS: {e}"))),
+        }
     }
 }
 
@@ -190,7 +213,8 @@ pub async fn run_worker(
     opts: WorkerOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
-    let endpoint = opts.check()?;
+    let tls = opts.cluster_tls.as_ref().map(|f| f.load()).transpose()?;
+    let endpoint = opts.check(tls.as_ref())?;
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|source| WorkerError::Listen {
@@ -208,18 +232,20 @@ pub async fn run_worker(
     let (generation_tx, generation_rx) = watch::channel(None);
     let service = WorkerService::new(generation_rx, addr.ip(), opts.device());
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let mut server = tokio::spawn(
-        Server::builder()
-            .add_service(
-                WorkerServer::new(service.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
-            )
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                async {
-                    let _ = stop_rx.await;
-                },
-            ),
-    );
+    // With the cluster's TLS only the coordinator, holding a certificate the cluster CA
+    // signed, gets past the handshake.
+    let acceptor = tls.as_ref().map(ClusterTls::acceptor).transpose()?;
+    let mut server = tokio::spawn(tessera_tls::serve_grpc(
+        Server::builder().add_service(
+            WorkerServer::new(service.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        ),
+        listener,
+        acceptor,
+        "worker service",
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
 
     tokio::pin!(shutdown);
     let mut server_done = false;
@@ -326,18 +352,29 @@ async fn register(
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let attempt = async {
-            let channel = endpoint
-                .connect()
-                .await
-                .map_err(|e| Err(error::chain(&e)))?;
+            let channel = endpoint.connect().await.map_err(Err)?;
             ClusterClient::new(channel)
                 .register(request.clone())
                 .await
                 .map(tonic::Response::into_inner)
                 .map_err(Ok)
         };
-        // `Err(Ok(status))`: the coordinator answered; `Err(Err(why))`: it could not be reached.
-        let error = match tokio::time::timeout(left, attempt).await {
+        // `Err(Ok(status))`: the coordinator answered; `Err(Err(e))`: it could not be reached.
+        let outcome = tokio::time::timeout(left, attempt).await;
+        // A refused certificate does not get better by trying again.
+        if let Ok(Err(e)) = &outcome {
+            let failure = match e {
+                Ok(status) => HandshakeFailure::find(status),
+                Err(transport) => HandshakeFailure::find(transport),
+            };
+            if let Some(failure) = failure {
+                return Err(WorkerError::Handshake {
+                    addr: opts.coordinator.clone(),
+                    failure: failure.describe("the coordinator"),
+                });
+            }
+        }
+        let error = match outcome {
             Ok(Ok(registered)) => return Ok(registered),
             // A full cluster frees a slot when it loses a worker: keep trying.
             Ok(Err(Ok(s)))
@@ -353,7 +390,7 @@ async fn register(
                 });
             }
             Ok(Err(Ok(s))) => s.message().to_string(),
-            Ok(Err(Err(why))) => why,
+            Ok(Err(Err(e))) => error::chain(&e),
             // An attempt cut short by the deadline says less than the one before it.
             Err(_) => last_error.take().unwrap_or_else(|| "no answer".to_string()),
         };

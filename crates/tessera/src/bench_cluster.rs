@@ -8,16 +8,18 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use serde::Serialize;
-use tessera_client::{Client, GenerateRequest};
+use tessera_client::{Client, ClientOptions, GenerateRequest};
 
 /// Arguments of `tessera bench cluster`.
 #[derive(Debug, Args)]
 pub struct ClusterArgs {
-    /// The cluster's gRPC endpoint.
+    /// The cluster's gRPC endpoint: host:port, or https://host:port.
     #[arg(long, default_value = "127.0.0.1:50051")]
     endpoint: String,
     #[command(flatten)]
     api_key: crate::api_key_arg::ApiKeyArg,
+    #[command(flatten)]
+    tls: crate::tls_args::CaCertArg,
     /// Prompt tokens before decode starts.
     #[arg(long, default_value_t = 16)]
     prompt_tokens: usize,
@@ -51,8 +53,14 @@ pub fn bench_cluster(args: ClusterArgs) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let mut client =
-            Client::connect_with(&args.endpoint, args.api_key.client_options()).await?;
+        let mut client = Client::connect_with(
+            &args.endpoint,
+            ClientOptions {
+                ca_cert: args.tls.ca_cert.clone(),
+                ..args.api_key.client_options()
+            },
+        )
+        .await?;
         let info = client.model_info().await?;
         let prompt: Vec<u32> = (0..args.prompt_tokens as u32)
             .map(|i| (i * 7919 + 13) % info.vocab_size)

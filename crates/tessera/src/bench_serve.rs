@@ -36,7 +36,8 @@ pub enum DatasetName {
 #[derive(Debug, Args)]
 pub struct ServeBenchArgs {
     /// Tessera cluster to load, over its gRPC API: prompts go as token ids, and the report
-    /// names the model and its split (tp, pp). [default: 127.0.0.1:50051]
+    /// names the model and its split (tp, pp); https://HOST:PORT when it speaks TLS.
+    /// [default: 127.0.0.1:50051]
     #[arg(long, value_name = "HOST:PORT", conflicts_with = "openai_base_url")]
     endpoint: Option<String>,
     /// Load an OpenAI-compatible server instead (Tessera's HTTP API, vLLM, …): streamed
@@ -44,6 +45,10 @@ pub struct ServeBenchArgs {
     /// [default: none; --endpoint is used].
     #[arg(long, value_name = "URL")]
     openai_base_url: Option<String>,
+    /// For an https:// endpoint or base URL: the CA certificate (PEM) to trust instead of
+    /// the system's roots, e.g. the ca.pem of `tessera certs`.
+    #[arg(long, value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
     /// Model to ask an OpenAI-compatible server for [default: the first of GET {URL}/models].
     /// With --endpoint the cluster's own model is used.
     #[arg(long, value_name = "NAME")]
@@ -243,6 +248,7 @@ pub fn bench_serve(args: ServeBenchArgs) -> Result<()> {
             base_url: url.clone(),
             model: args.model.clone(),
             api_key: args.api_key.api_key.clone(),
+            ca_cert: args.ca_cert.clone(),
         },
         None => TargetSpec::Tessera {
             endpoint: args
@@ -250,6 +256,7 @@ pub fn bench_serve(args: ServeBenchArgs) -> Result<()> {
                 .clone()
                 .unwrap_or_else(|| "127.0.0.1:50051".into()),
             api_key: args.api_key.api_key.clone(),
+            ca_cert: args.ca_cert.clone(),
         },
     };
 

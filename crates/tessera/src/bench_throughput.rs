@@ -12,16 +12,18 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
-use tessera_client::{Client, GenerateRequest};
+use tessera_client::{Client, ClientOptions, GenerateRequest};
 
 /// Arguments of `tessera bench throughput`.
 #[derive(Debug, Args)]
 pub struct ThroughputArgs {
-    /// The cluster's gRPC endpoint.
+    /// The cluster's gRPC endpoint: host:port, or https://host:port.
     #[arg(long, default_value = "127.0.0.1:50051")]
     endpoint: String,
     #[command(flatten)]
     api_key: crate::api_key_arg::ApiKeyArg,
+    #[command(flatten)]
+    tls: crate::tls_args::CaCertArg,
     /// Concurrent clients to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
     concurrency: Vec<usize>,
@@ -92,8 +94,14 @@ pub fn bench_throughput(args: ThroughputArgs) -> Result<()> {
     }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        let mut client =
-            Client::connect_with(&args.endpoint, args.api_key.client_options()).await?;
+        let mut client = Client::connect_with(
+            &args.endpoint,
+            ClientOptions {
+                ca_cert: args.tls.ca_cert.clone(),
+                ..args.api_key.client_options()
+            },
+        )
+        .await?;
         let info = client.model_info().await?;
         let vocab = info.vocab_size;
         let request = |client: usize, k: usize| GenerateRequest {

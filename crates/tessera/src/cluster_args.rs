@@ -1,5 +1,5 @@
-//! Flags shared by `tessera coordinator` and `tessera serve`: the model, the split and
-//! the scheduler's limits. Unset flags leave the config file's value or the default.
+//! Flags shared by `tessera coordinator` and `tessera serve`: the model, the split, the
+//! scheduler's limits and TLS. Unset flags leave the config file's value or the default.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -7,6 +7,9 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::Args;
 use tessera_coordinator::{CoordinatorConfig, ModelSource};
+use tessera_tls::ServerTlsFiles;
+
+use crate::tls_args::ClusterTlsArgs;
 
 /// The model and the cluster's shape.
 #[derive(Debug, Clone, Args)]
@@ -77,6 +80,20 @@ pub struct ClusterArgs {
     /// keep-alive connections (default 30000).
     #[arg(long, value_name = "MS")]
     pub http_read_timeout_ms: Option<u64>,
+    /// The public API's TLS certificate (PEM, leaf first): the gRPC and HTTP APIs then
+    /// speak TLS only (https://). Needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub cluster_tls: ClusterTlsArgs,
+    /// Where workers register, on a listener of its own. Without it workers register on
+    /// the gRPC API's listener, unless --cluster-ca is given: then on 0.0.0.0:50052
+    /// (`coordinator`) or a free port of 127.0.0.1 (`serve`).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub cluster_listen: Option<String>,
 }
 
 impl ClusterArgs {
@@ -144,6 +161,18 @@ impl ClusterArgs {
         }
         if let Some(v) = self.http_read_timeout_ms {
             c.http_read_timeout = Duration::from_millis(v);
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            c.tls = Some(ServerTlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            });
+        }
+        if let Some(files) = self.cluster_tls.files() {
+            c.cluster_tls = Some(files);
+        }
+        if let Some(v) = &self.cluster_listen {
+            c.cluster_listen = Some(v.clone());
         }
         Ok(())
     }

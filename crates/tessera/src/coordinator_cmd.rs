@@ -18,7 +18,8 @@ pub struct CoordinatorArgs {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub cluster: ClusterArgs,
-    /// Address of the public gRPC API, where workers also register (default 0.0.0.0:50051).
+    /// Address of the public gRPC API, where workers also register unless
+    /// --cluster-listen or --cluster-ca moves them (default 0.0.0.0:50051).
     #[arg(long, value_name = "HOST:PORT")]
     pub listen: Option<String>,
     /// Seconds to wait for every worker to register before giving up (default 300).
@@ -50,12 +51,23 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     runtime.block_on(async move {
         let coordinator = Coordinator::start(config.clone()).await?;
         let addr = coordinator.local_addr();
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         if let Some(http) = coordinator.http_addr() {
-            eprintln!("OpenAI-compatible API on http://{http}/v1");
+            eprintln!("OpenAI-compatible API on {scheme}://{http}/v1");
         }
+        let tls = if config.cluster_tls.is_some() {
+            " --cluster-ca CA --cluster-cert CERT --cluster-key KEY"
+        } else {
+            ""
+        };
         eprintln!(
-            "coordinator on {addr}: waiting for {} workers (tessera worker --coordinator {addr})",
-            config.tp * config.pp
+            "coordinator on {addr}: waiting for {} workers (tessera worker --coordinator {}{tls})",
+            config.tp * config.pp,
+            coordinator.registration_addr()
         );
         let stop = coordinator.stopper();
         let mut state = coordinator.state();

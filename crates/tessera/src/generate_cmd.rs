@@ -16,9 +16,12 @@ use crate::api_key_arg::ApiKeyArg;
 /// the server's default applies rather than a second copy of it kept here.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// The coordinator's public API: host:port or http://host:port.
+    /// The coordinator's public API: host:port, http://host:port, or https://host:port
+    /// when it speaks TLS.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50051")]
     pub endpoint: String,
+    #[command(flatten)]
+    pub tls: crate::tls_args::CaCertArg,
     /// Prompt text, tokenized by the server.
     #[arg(
         long,
@@ -151,6 +154,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
 async fn generate_async(args: GenerateArgs) -> Result<()> {
     let options = ClientOptions {
         call_timeout: args.timeout,
+        ca_cert: args.tls.ca_cert.clone(),
         ..args.api_key.client_options()
     };
     let mut client = Client::connect_with(&args.endpoint, options).await?;

@@ -5,6 +5,7 @@ mod bench;
 mod bench_cluster;
 mod bench_serve;
 mod bench_throughput;
+mod certs_cmd;
 mod cluster_args;
 mod coordinator_cmd;
 mod cpu_profile;
@@ -15,6 +16,7 @@ mod run;
 mod serve;
 mod signals;
 mod source;
+mod tls_args;
 mod worker_cmd;
 
 use clap::{Parser, Subcommand};
@@ -51,6 +53,9 @@ enum Command {
     /// Capacity planning: for every TP × PP split of a model on given devices, the memory,
     /// the predicted latencies and throughput, and the recommended split.
     Plan(plan_cmd::PlanArgs),
+    /// Make a development CA and certificates for TLS: one per cluster node (mutual TLS
+    /// between the coordinator and its workers) and one for the public API.
+    Certs(certs_cmd::CertsArgs),
 }
 
 fn main() {
@@ -85,6 +90,7 @@ fn main() {
         Command::Model(cmd) => model_cmd::model(cmd),
         Command::Bench(args) => bench::bench(args),
         Command::Plan(args) => plan_cmd::plan_cmd(args),
+        Command::Certs(args) => certs_cmd::certs(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -10,6 +10,7 @@
 //! one that the coordinator took out of the cluster because it hung is killed and started
 //! again. The new process registers and the coordinator gives it the vacant shard.
 
+use std::ffi::OsString;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use tessera_coordinator::{ClusterState, Coordinator, CoordinatorConfig, ModelSou
 use tracing::{info, warn};
 
 use crate::cluster_args::ClusterArgs;
+use crate::tls_args::ClusterTlsArgs;
 
 /// The model `tessera serve` runs with no flags: small enough for any laptop.
 pub const DEFAULT_PRESET: &str = "gpt2-tiny";
@@ -70,6 +72,9 @@ pub fn config(args: &ServeArgs) -> Result<CoordinatorConfig> {
     if c.http_listen.is_none() {
         c.http_listen = Some(tessera_coordinator::config::defaults::SERVE_HTTP_LISTEN.into());
     }
+    if c.cluster_tls.is_some() && c.cluster_listen.is_none() {
+        c.cluster_listen = Some(tessera_coordinator::config::defaults::SERVE_CLUSTER_LISTEN.into());
+    }
     c.register_timeout = Duration::from_secs(60);
     c.validate()?;
     Ok(c)
@@ -108,13 +113,14 @@ fn restart_backoff(young_exits: u32) -> Duration {
 struct Workers {
     children: Vec<Supervised>,
     exe: std::path::PathBuf,
-    args: Vec<String>,
+    args: Vec<OsString>,
 }
 
 impl Workers {
-    fn spawn(n: usize, coordinator: &str, threads: usize, device: &[String]) -> Result<Workers> {
+    /// `n` workers registering at `coordinator`, with `extra` flags (device, TLS).
+    fn spawn(n: usize, coordinator: &str, threads: usize, extra: &[OsString]) -> Result<Workers> {
         let exe = std::env::current_exe().context("cannot find the tessera executable")?;
-        let mut args: Vec<String> = [
+        let mut args: Vec<OsString> = [
             "worker",
             "--coordinator",
             coordinator,
@@ -123,9 +129,9 @@ impl Workers {
             "--threads",
             &threads.to_string(),
         ]
-        .map(String::from)
+        .map(OsString::from)
         .to_vec();
-        args.extend_from_slice(device);
+        args.extend_from_slice(extra);
         let mut workers = Workers {
             children: Vec::with_capacity(n),
             exe,
@@ -297,13 +303,8 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     let mut vacated = coordinator
         .take_vacated()
         .context("the coordinator's vacated workers were already taken")?;
-    let addr = coordinator.local_addr();
-    let dial = if addr.ip().is_unspecified() {
-        format!("127.0.0.1:{}", addr.port())
-    } else {
-        addr.to_string()
-    };
-    let device: Vec<String> = match args.backend.as_str() {
+    let dial = dialable(coordinator.local_addr());
+    let mut extra: Vec<OsString> = match args.backend.as_str() {
         "sim" => vec![
             "--backend".into(),
             "sim".into(),
@@ -311,10 +312,22 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             args.gpu.clone(),
             "--gpus-per-node".into(),
             args.gpus_per_node.to_string(),
-        ],
+        ]
+        .into_iter()
+        .map(OsString::from)
+        .collect(),
         _ => Vec::new(),
     };
-    let mut workers = Workers::spawn(world, &dial, per_worker, &device)?;
+    if let Some(files) = &config.cluster_tls {
+        extra.extend(ClusterTlsArgs::to_args(files));
+    }
+    let register_at = dialable(coordinator.registration_addr());
+    let mut workers = Workers::spawn(world, &register_at, per_worker, &extra)?;
+    // What clients dial: the scheme says whether the API speaks TLS.
+    let (grpc, http_scheme) = match config.tls {
+        Some(_) => (format!("https://{dial}"), "https"),
+        None => (dial.clone(), "http"),
+    };
     let stop = coordinator.stopper();
     let mut state = coordinator.state();
 
@@ -345,20 +358,28 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             String::new()
         };
         println!(
-            "Tessera is serving {} (tp={} pp={}, {} worker processes{on}) on {dial}",
+            "Tessera is serving {} (tp={} pp={}, {} worker processes{on}) on {grpc}",
             describe(&config.model),
             config.tp,
             config.pp,
             world
         );
-        println!("  gRPC API:   {dial} (tessera.v1.Generation, grpc.health.v1, reflection)");
+        println!("  gRPC API:   {grpc} (tessera.v1.Generation, grpc.health.v1, reflection)");
         if let Some(http) = coordinator.http_addr() {
             println!(
-                "  OpenAI API: http://{http}/v1 (completions, models; also /health, /metrics)"
+                "  OpenAI API: {http_scheme}://{http}/v1 (completions, models; also /health, /metrics)"
             );
         }
+        if config.cluster_tls.is_some() {
+            println!("  workers:    mutual TLS, registering at {register_at}");
+        }
+        let trust = if config.tls.is_some() {
+            " --ca-cert CA.pem"
+        } else {
+            ""
+        };
         println!(
-            "  try:        tessera generate --endpoint {dial} --prompt \"The cluster\" --stream"
+            "  try:        tessera generate --endpoint {grpc}{trust} --prompt \"The cluster\" --stream"
         );
         println!("Ctrl-C stops the cluster.");
         loop {
@@ -378,6 +399,15 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     workers.stop(Duration::from_secs(3));
     runtime.shutdown_timeout(Duration::from_secs(1));
     outcome
+}
+
+/// An address to dial: a listener on every interface is reached on 127.0.0.1.
+fn dialable(addr: std::net::SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("127.0.0.1:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
 }
 
 fn describe(m: &ModelSource) -> String {

@@ -9,10 +9,13 @@ use clap::Args;
 use tessera_model::Hardware;
 use tessera_worker::{run_worker, SimDevice, WorkerOptions};
 
+use crate::tls_args::ClusterTlsArgs;
+
 /// Flags of `tessera worker`.
 #[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {
-    /// The coordinator's cluster address (host:port) to register with.
+    /// The coordinator's cluster address (host:port) to register with: its registration
+    /// listener (--cluster-listen) when it has one, else its gRPC API.
     #[arg(long, value_name = "ADDR")]
     pub coordinator: String,
     /// Address the worker's gRPC service listens on; port 0 picks a free port. Collective
@@ -41,6 +44,8 @@ pub struct WorkerArgs {
     /// silence from it after which the worker gives up and exits.
     #[arg(long, value_name = "SECS", default_value_t = 15)]
     pub coordinator_timeout: u64,
+    #[command(flatten)]
+    pub cluster_tls: ClusterTlsArgs,
 }
 
 /// Runs the worker until Ctrl-C or SIGTERM, or until it loses its coordinator.
@@ -60,6 +65,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         sim,
         threads: args.threads.unwrap_or(defaults.threads),
         coordinator_timeout: Duration::from_secs(args.coordinator_timeout),
+        cluster_tls: args.cluster_tls.files(),
         ..defaults
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

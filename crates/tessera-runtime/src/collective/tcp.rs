@@ -1116,6 +1116,41 @@ mod tests {
         assert_eq!(other.join().unwrap().unwrap(), 3.0);
     }
 
+    /// Once formed, a group takes no more connections: every rank's listener is closed,
+    /// so a foreign peer, with the token or without, has nowhere to send a frame.
+    #[test]
+    fn a_formed_group_listens_no_more() {
+        let (ls, peers) = listeners(3);
+        let joining: Vec<_> = ls
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let spec = spec(rank, &peers, PATIENT);
+                thread::spawn(move || TcpComm::connect(l, &spec))
+            })
+            .collect();
+        let comms: Vec<TcpComm> = joining
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect();
+        for addr in &peers {
+            let e = TcpStream::connect(addr).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{addr}: {e}");
+        }
+        let reducing: Vec<_> = comms
+            .into_iter()
+            .map(|mut c| {
+                thread::spawn(move || {
+                    let mut buf = [1.0f32; 4];
+                    c.all_reduce_sum(&mut buf).map(|_| buf)
+                })
+            })
+            .collect();
+        for h in reducing {
+            assert_eq!(h.join().unwrap().unwrap(), [3.0; 4]);
+        }
+    }
+
     #[test]
     fn an_aborted_rank_stops_waiting_for_a_silent_peer() {
         let mut comms = group(2, PATIENT);
