@@ -3,6 +3,7 @@
 pub mod backend;
 pub mod collective;
 pub mod cpu;
+pub mod cuda;
 pub mod dtype;
 pub mod engine;
 pub mod error;
