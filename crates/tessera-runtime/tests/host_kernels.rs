@@ -1110,3 +1110,42 @@ fn every_kernel_matches_the_cpu_backend() {
         "the kernels exercised here must be exactly the kernels sources.rs lists"
     );
 }
+
+/// The emulator must report the bugs it exists to catch, not run through them.
+#[test]
+fn the_emulator_reports_kernel_bugs() {
+    let cfg = |shared_bytes| sources::LaunchConfig {
+        grid: (2, 1, 1),
+        block: (64, 1, 1),
+        shared_bytes,
+    };
+    for (kernel, shared_bytes, expected) in [
+        ("selftest_early_return", 0, "deadlock"),
+        ("selftest_divergent_barrier", 0, "divergent barrier"),
+        ("selftest_out_of_bounds", 0, "out-of-bounds access"),
+        (
+            "selftest_shared_overflow",
+            128,
+            "past the launch's 128 bytes",
+        ),
+        ("selftest_half_warp_shuffle", 0, "deadlock"),
+    ] {
+        let mut job = Job::new();
+        let out = job.buffer(poison(4 * 128));
+        job.launch_unlisted(kernel, cfg(shared_bytes), out);
+        let report = job.run_expecting_failure();
+        assert!(
+            report.contains(expected) && report.contains(kernel),
+            "{kernel}: expected a report of `{expected}`, got:\n{report}"
+        );
+    }
+
+    // A missing barrier gives a wrong value in at least one block (even blocks run their
+    // threads in order, odd blocks in reverse).
+    let mut job = Job::new();
+    let out = job.buffer(poison(4 * 128));
+    job.launch_unlisted("selftest_missing_barrier", cfg(0), out);
+    let got = f32s(&job.run()[0]);
+    let race_free: Vec<f32> = (0..128).map(|i| ((i + 1) % 64 + 1) as f32).collect();
+    assert_ne!(got, race_free, "the missing barrier went unnoticed");
+}

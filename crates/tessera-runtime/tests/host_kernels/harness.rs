@@ -19,6 +19,7 @@ use tessera_runtime::cuda::sources::{self, KernelFile, KernelSpec, LaunchConfig,
 
 const EMU_HEADER: &str = include_str!("cuda_emu.h");
 const DRIVER: &str = include_str!("driver.cpp");
+const SELFTEST: &str = include_str!("selftest.cu");
 const CXX_FLAGS: &[&str] = &[
     "-std=c++17",
     "-O2",
@@ -146,6 +147,7 @@ fn build() -> Result<(PathBuf, PathBuf), String> {
         CXX_FLAGS,
         EMU_HEADER,
         DRIVER,
+        SELFTEST,
         &programs,
         env!("CARGO_PKG_VERSION"),
     )
@@ -170,7 +172,11 @@ fn build() -> Result<(PathBuf, PathBuf), String> {
         Ok(path)
     };
     let header = write("cuda_emu.h", EMU_HEADER)?;
-    let mut units = vec![write("driver.cpp", DRIVER)?];
+    let selftest = format!("{}\n{SELFTEST}", sources::COMMON_HEADER.1);
+    let mut units = vec![
+        write("driver.cpp", DRIVER)?,
+        write("selftest.cpp", &selftest)?,
+    ];
     for (file, (stem, program)) in sources::FILES.iter().zip(&programs) {
         let program = write(&format!("{stem}.cu"), program)?;
         units.push(write(&format!("{stem}_glue.cpp"), &glue(file, &program))?);
@@ -322,8 +328,39 @@ impl Job {
         self.kernels.push(kernel.to_string());
     }
 
+    /// Queues a launch of a kernel that sources.rs does not list (the emulator's
+    /// self-test); it does not count as a tested kernel.
+    pub fn launch_unlisted(&mut self, kernel: &str, cfg: LaunchConfig, buffer: Buf) {
+        self.lines.push(format!(
+            "launch {kernel} {} {} {} {} {} {} {} 1 b{}",
+            cfg.grid.0,
+            cfg.grid.1,
+            cfg.grid.2,
+            cfg.block.0,
+            cfg.block.1,
+            cfg.block.2,
+            cfg.shared_bytes,
+            buffer.0
+        ));
+    }
+
     /// Runs the job; returns every buffer's final bytes.
     pub fn run(self) -> Vec<Vec<u8>> {
+        match self.execute() {
+            Ok(buffers) => buffers,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Runs the job, which must fail; returns what the emulator reported.
+    pub fn run_expecting_failure(self) -> String {
+        match self.execute() {
+            Ok(_) => panic!("the job was expected to fail"),
+            Err(e) => e,
+        }
+    }
+
+    fn execute(self) -> Result<Vec<Vec<u8>>, String> {
         let emu = emulator();
         let id = emu.jobs.fetch_add(1, Ordering::Relaxed);
         let dir = emu.work.join(format!("{}-{id}", std::process::id()));
@@ -347,19 +384,21 @@ impl Job {
         let job_path = dir.join("job.txt");
         std::fs::write(&job_path, &job).unwrap();
         let out = Command::new(&emu.exe).arg(&job_path).output().unwrap();
-        assert!(
-            out.status.success(),
-            "emulated kernels {:?} failed ({}):\n{}{}",
-            self.kernels,
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if !out.status.success() {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(format!(
+                "emulated kernels {:?} failed ({}):\n{}{}",
+                self.kernels,
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
         let result = (0..self.buffers.len())
             .map(|i| std::fs::read(dir.join(format!("out{i}.bin"))).unwrap())
             .collect();
         let _ = std::fs::remove_dir_all(&dir);
         emu.launched.lock().unwrap().extend(self.kernels);
-        result
+        Ok(result)
     }
 }

@@ -200,6 +200,12 @@ __device__ __forceinline__ void sample_stats_row(float* records, float* scratch,
     // bucket holding the boundary is taken whole. The kept set is then every key whose top
     // `bits` bits are at least the prefix's: exactly `take` keys.
     const u32 take = umin32(prm.candidates, n);
+    if (take == 0u) {
+        if (tid == 0u) {
+            record[4] = 0.0f;
+        }
+        return;
+    }
     u64 prefix = 0ull;
     u32 bits = 0u;
     u32 need = take;
