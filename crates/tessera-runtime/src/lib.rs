@@ -3,6 +3,10 @@
 pub mod backend;
 pub mod collective;
 pub mod cpu;
+/// The CUDA backend's kernels: sources and launch contracts (plain data, no feature needed).
+pub mod cuda {
+    pub mod sources;
+}
 pub mod dtype;
 pub mod engine;
 pub mod error;
