@@ -46,48 +46,114 @@ pub struct Sampled {
     pub logprob: f32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Mode {
+/// What a rank reports for one row in one round: the record's header is always the same,
+/// the mode says which candidates follow. Device backends build the same record (the CUDA
+/// `sample_stats` kernel), so the combine below serves every backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordMode {
+    /// Argmax of the processed logits: one candidate per rank.
     Greedy,
     /// Gumbel argmax over the whole vocabulary: one candidate per rank.
     Full,
-    /// Top-k and/or top-p: `c` best candidates per rank.
+    /// Top-k and/or top-p: the `c` best processed logits per rank.
     Filtered {
+        /// Candidate slots per rank.
         c: usize,
     },
 }
 
-fn mode(p: &SamplingParams) -> Mode {
-    if p.is_greedy() {
-        Mode::Greedy
-    } else if p.top_k == 0 && p.top_p >= 1.0 {
-        Mode::Full
-    } else if p.top_k > 0 {
-        Mode::Filtered {
-            c: p.top_k as usize,
+impl RecordMode {
+    /// The mode of a row's first round.
+    pub fn first_round(p: &SamplingParams) -> Self {
+        if p.is_greedy() {
+            RecordMode::Greedy
+        } else if p.top_k == 0 && p.top_p >= 1.0 {
+            RecordMode::Full
+        } else if p.top_k > 0 {
+            RecordMode::Filtered {
+                c: p.top_k as usize,
+            }
+        } else {
+            RecordMode::Filtered {
+                c: TOP_P_FIRST_CANDIDATES,
+            }
         }
-    } else {
-        Mode::Filtered {
-            c: TOP_P_FIRST_CANDIDATES,
+    }
+
+    /// Candidate slots of the record.
+    pub fn candidates(self) -> usize {
+        match self {
+            RecordMode::Greedy | RecordMode::Full => 1,
+            RecordMode::Filtered { c } => c,
         }
+    }
+
+    /// Floats of the record: a header of five, three per candidate slot.
+    pub fn record_len(self) -> usize {
+        HEADER + CANDIDATE * self.candidates()
+    }
+
+    /// Whether the record carries the processed logits' max and sum-exp (only top-p
+    /// without top-k reads them); otherwise those two header fields are 0.
+    pub fn scaled_stats(self, p: &SamplingParams) -> bool {
+        matches!(self, RecordMode::Filtered { .. }) && p.top_k == 0
     }
 }
 
-fn record_len(m: Mode) -> usize {
-    HEADER
-        + CANDIDATE
-            * match m {
-                Mode::Greedy | Mode::Full => 1,
-                Mode::Filtered { c } => c,
-            }
-}
-
 /// Standard Gumbel noise for token `id` at `position` under `seed`.
+///
+/// Only integer hashing and correctly rounded f64 operations ([`noise_ln`] instead of the
+/// platform's `ln`, whose last bit differs between libms and from CUDA's `log`), so every
+/// backend computes the same bits.
 pub fn gumbel(seed: u64, position: usize, id: u32) -> f64 {
     let key = splitmix64(seed ^ splitmix64(position as u64 ^ 0x5EED_0000_0000_0000));
     let bits = splitmix64(key ^ (id as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
     let u = ((bits >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-    -(-u.ln()).ln()
+    -noise_ln(-noise_ln(u))
+}
+
+/// Natural logarithm of a positive normal `x`, within a few ulps, from IEEE add, multiply
+/// and divide only (Rust never fuses them), so its bits are the same everywhere; the CUDA
+/// kernels' `noise_ln` in `common.cuh` performs the same operations in the same order.
+///
+/// `x = 2^e · m` with `m` in (√½, √2], and `ln m = 2·atanh(s)`, `s = (m − 1)/(m + 1)`,
+/// summed to `s^21` (|s| ≤ 0.172, so the next term is below 2^-54 relative).
+fn noise_ln(x: f64) -> f64 {
+    // Coefficients 1/3 … 1/21, innermost last; ln 2 split so that `e · LN2_HI` is exact.
+    const INV_ODD: [f64; 10] = [
+        0.333_333_333_333_333_3,
+        0.2,
+        0.142_857_142_857_142_85,
+        0.111_111_111_111_111_1,
+        0.090_909_090_909_090_91,
+        0.076_923_076_923_076_93,
+        0.066_666_666_666_666_67,
+        0.058_823_529_411_764_705,
+        0.052_631_578_947_368_42,
+        0.047_619_047_619_047_616,
+    ];
+    const LN2_HI: f64 = 0.693_146_705_627_441_4;
+    const LN2_LO: f64 = 4.749_325_039_031_672_6e-7;
+    let bits = x.to_bits();
+    let mut e = ((bits >> 52) & 0x7ff) as i32 - 1023;
+    let mut m = f64::from_bits((bits & 0x000f_ffff_ffff_ffff) | 0x3ff0_0000_0000_0000);
+    if m > std::f64::consts::SQRT_2 {
+        m *= 0.5;
+        e += 1;
+    }
+    let f = m - 1.0;
+    let s = f / (2.0 + f);
+    let z = s * s;
+    let mut t = INV_ODD[9];
+    for &c in INV_ODD[..9].iter().rev() {
+        t = c + z * t;
+    }
+    t *= z;
+    let two_s = s + s;
+    let k = e as f64;
+    let hi = k * LN2_HI;
+    let lo = k * LN2_LO;
+    hi + (two_s + (two_s * t + lo))
 }
 
 /// The rank-local processing: repetition penalty, then temperature. Borrows the raw
@@ -168,21 +234,27 @@ fn better(a: (f32, u32), b: (f32, u32)) -> std::cmp::Ordering {
 }
 
 /// This rank's record for one row.
-fn local_record(row: &SampleRow, m: Mode, first_id: usize, out: &mut Vec<f32>) {
+///
+/// The record: raw max, raw sum-exp, processed max, processed sum-exp (0, 0 unless
+/// [`RecordMode::scaled_stats`]), candidate count, then [`RecordMode::candidates`] slots of
+/// (score, token id, raw logit), best first (higher score, then lower id), unused slots
+/// (-inf, -1, 0). `first_id` is the id of the slice's first logit.
+pub fn local_record(row: &SampleRow, m: RecordMode, first_id: usize, out: &mut Vec<f32>) {
     let z = processed(row, first_id);
     let (raw_max, raw_sum) = max_sumexp(row.logits);
     // The scaled normaliser is only read by top-p without top-k.
-    let (z_max, z_sum) = match m {
-        Mode::Filtered { .. } if row.spec.params.top_k == 0 => max_sumexp(&z),
-        _ => (0.0, 0.0),
+    let (z_max, z_sum) = if m.scaled_stats(&row.spec.params) {
+        max_sumexp(&z)
+    } else {
+        (0.0, 0.0)
     };
     let ids = (first_id as u32)..(first_id + z.len()) as u32;
     let mut cands: Vec<(f32, u32)> = match m {
-        Mode::Greedy => {
+        RecordMode::Greedy => {
             let (i, v) = argmax(&z);
             vec![(v, first_id as u32 + i as u32)]
         }
-        Mode::Full => {
+        RecordMode::Full => {
             let p = &row.spec.params;
             let best = z
                 .iter()
@@ -191,7 +263,7 @@ fn local_record(row: &SampleRow, m: Mode, first_id: usize, out: &mut Vec<f32>) {
                 .max_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)));
             best.map(|(s, id)| (s as f32, id)).into_iter().collect()
         }
-        Mode::Filtered { c } => {
+        RecordMode::Filtered { c } => {
             let mut all: Vec<(f32, u32)> = z.iter().cloned().zip(ids).collect();
             let c = c.min(all.len());
             if c < all.len() {
@@ -202,7 +274,7 @@ fn local_record(row: &SampleRow, m: Mode, first_id: usize, out: &mut Vec<f32>) {
             all
         }
     };
-    let capacity = (record_len(m) - HEADER) / CANDIDATE;
+    let capacity = m.candidates();
     cands.truncate(capacity);
     out.extend_from_slice(&[raw_max, raw_sum, z_max, z_sum, cands.len() as f32]);
     for i in 0..capacity {
@@ -226,7 +298,7 @@ fn combine_lse(parts: impl Iterator<Item = (f32, f32)> + Clone) -> f64 {
 
 /// The global decision for one row from every rank's record, or `None` when the
 /// candidates offered cannot prove the top-p nucleus complete.
-fn decide(row: &SampleRow, m: Mode, records: &[&[f32]]) -> Option<Sampled> {
+fn decide(row: &SampleRow, m: RecordMode, records: &[&[f32]]) -> Option<Sampled> {
     let p = &row.spec.params;
     let raw_lse = combine_lse(records.iter().map(|r| (r[0], r[1])));
     let mut cands: Vec<(f32, u32, f32)> = Vec::new();
@@ -239,8 +311,8 @@ fn decide(row: &SampleRow, m: Mode, records: &[&[f32]]) -> Option<Sampled> {
     }
     cands.sort_by(|a, b| better((a.0, a.1), (b.0, b.1)));
     let chosen = match m {
-        Mode::Greedy | Mode::Full => cands[0],
-        Mode::Filtered { c } => {
+        RecordMode::Greedy | RecordMode::Full => cands[0],
+        RecordMode::Filtered { c } => {
             let mut kept: &[(f32, u32, f32)] = &cands;
             if p.top_k > 0 {
                 kept = &kept[..(p.top_k as usize).min(kept.len())];
@@ -307,7 +379,10 @@ pub fn sample_distributed(
             "token ids must be exact in f32 (below 2^24)",
         ));
     }
-    let mut modes: Vec<Mode> = rows.iter().map(|r| mode(&r.spec.params)).collect();
+    let mut modes: Vec<RecordMode> = rows
+        .iter()
+        .map(|r| RecordMode::first_round(&r.spec.params))
+        .collect();
     let mut results: Vec<Option<Sampled>> = vec![None; rows.len()];
     loop {
         let pending: Vec<usize> = (0..rows.len()).filter(|&i| results[i].is_none()).collect();
@@ -322,7 +397,7 @@ pub fn sample_distributed(
         let per_rank = local.len();
         let mut offset = 0;
         for &i in &pending {
-            let len = record_len(modes[i]);
+            let len = modes[i].record_len();
             let records: Vec<&[f32]> = (0..comm.world_size())
                 .map(|r| &gathered[r * per_rank + offset..r * per_rank + offset + len])
                 .collect();
@@ -330,8 +405,8 @@ pub fn sample_distributed(
             match decide(&rows[i], modes[i], &records) {
                 Some(s) => results[i] = Some(s),
                 None => {
-                    if let Mode::Filtered { c } = modes[i] {
-                        modes[i] = Mode::Filtered { c: c * 4 };
+                    if let RecordMode::Filtered { c } = modes[i] {
+                        modes[i] = RecordMode::Filtered { c: c * 4 };
                     }
                 }
             }
@@ -396,6 +471,41 @@ mod tests {
         (0..n)
             .map(|i| (gumbel(seed, 0, i as u32) * 1.5) as f32)
             .collect()
+    }
+
+    #[test]
+    fn noise_ln_is_within_a_few_ulps_of_ln() {
+        let mut worst = 0f64;
+        for i in 0..200_000u64 {
+            let x = f64::from_bits(splitmix64(i) >> 2 | 0x0010_0000_0000_0000)
+                .clamp(f64::MIN_POSITIVE, 1e300);
+            for v in [
+                x,
+                1.0 / (1.0 + i as f64),
+                1.0 + i as f64 * 1e-7,
+                i as f64 + 0.5,
+            ] {
+                let (got, want) = (noise_ln(v), v.ln());
+                let ulp = f64::EPSILON * want.abs().max(f64::MIN_POSITIVE);
+                worst = worst.max((got - want).abs() / ulp);
+            }
+        }
+        assert!(worst <= 4.0, "noise_ln is {worst} ulps off");
+        assert_eq!(noise_ln(1.0), 0.0);
+    }
+
+    #[test]
+    fn gumbel_noise_has_the_standard_moments() {
+        let n = 200_000;
+        let g: Vec<f64> = (0..n).map(|i| gumbel(11, 3, i)).collect();
+        let mean = g.iter().sum::<f64>() / n as f64;
+        let var = g.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64;
+        // Mean: the Euler–Mascheroni constant; variance: π²/6.
+        assert!((mean - 0.577_215_7).abs() < 0.01, "{mean}");
+        assert!(
+            (var - std::f64::consts::PI.powi(2) / 6.0).abs() < 0.02,
+            "{var}"
+        );
     }
 
     #[test]

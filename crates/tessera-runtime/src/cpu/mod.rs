@@ -39,6 +39,14 @@ pub struct CpuKvCache {
     v: Vec<Vec<f32>>,
 }
 
+impl CpuKvCache {
+    /// K and V storage of one layer, `[block][slot][heads · head_dim]`: what device
+    /// backends' cache writes are checked against.
+    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        (&self.k[layer], &self.v[layer])
+    }
+}
+
 /// The CPU backend: kernels split their work over the backend's own thread pool.
 ///
 /// Each shard gets its own pool, so shards of one process never wait on each other's

@@ -7,6 +7,8 @@
 //! panic on a missing library. Without the feature the module still says why CUDA is not
 //! available ([`NOT_COMPILED`]), so callers need no `cfg` of their own to report it.
 
+pub mod sources;
+
 #[cfg(feature = "cuda")]
 pub mod compile;
 #[cfg(feature = "cuda")]
