@@ -17,6 +17,8 @@ pub use collective::{
     local_group, Collective, LocalComm, TcpAbort, TcpComm, TcpGroupSpec, TcpListenerHandle,
 };
 pub use cpu::CpuBackend;
+#[cfg(feature = "cuda")]
+pub use cuda::{CudaBackend, CudaOptions};
 pub use dtype::WeightDtype;
 pub use engine::LocalEngine;
 pub use error::{Result, RuntimeError};

@@ -10,9 +10,16 @@
 pub mod sources;
 
 #[cfg(feature = "cuda")]
+pub mod backend;
+#[cfg(feature = "cuda")]
 pub mod compile;
 #[cfg(feature = "cuda")]
+pub mod kernels;
+#[cfg(feature = "cuda")]
 pub mod probe;
+
+#[cfg(feature = "cuda")]
+pub use backend::{CudaBackend, CudaMatrix, CudaOptions, CudaTensor};
 
 /// Why `--backend cuda` cannot work in a build without the `cuda` feature.
 pub const NOT_COMPILED: &str = "this tessera was built without CUDA support; rebuild it with \
