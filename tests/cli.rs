@@ -277,3 +277,121 @@ fn synth_checkpoint_round_trips_through_the_reader() {
     let in_memory = tokens(args(&["--preset", "gpt2-tiny", "--synth-seed", "5"]));
     assert_eq!(from_disk, in_memory);
 }
+
+/// `--backend cuda` where there is no CUDA (this build lacks the feature, or the machine
+/// has no driver or GPU) exits with a message that names CUDA and the CPU backend.
+#[test]
+fn a_cuda_worker_without_cuda_fails_with_a_message_not_a_panic() {
+    if std::path::Path::new("/proc/driver/nvidia").exists() {
+        eprintln!("skipped: this machine has an NVIDIA driver, so the probe may succeed");
+        return;
+    }
+    fails_with(
+        &[
+            "worker",
+            "--coordinator",
+            "127.0.0.1:9",
+            "--backend",
+            "cuda",
+            "--coordinator-timeout",
+            "1",
+        ],
+        &["CUDA", "--backend cpu"],
+    );
+}
+
+/// `tessera kernels` compiles every kernel source for sm_80 and sm_90 and counts every
+/// kernel of `sources.rs`; without NVRTC (or in a build without CUDA) it says what to do.
+#[test]
+fn kernels_compile_for_sm80_and_sm90_or_say_what_is_missing() {
+    let expected = tessera_runtime::cuda::sources::exported_names().len();
+    for arch in ["sm_80", "sm_90"] {
+        let o = tessera(&["kernels", "--arch", arch]);
+        let err = stderr(&o);
+        assert!(!err.contains("panicked"), "{err}");
+        if !o.status.success() {
+            assert_eq!(o.status.code(), Some(1), "{err}");
+            if err.contains("built without CUDA support") {
+                assert!(err.contains("--features cuda"), "{err}");
+                eprintln!("skipped: this tessera was built without the cuda feature");
+                return;
+            }
+            assert!(
+                err.contains("pip install nvidia-cuda-nvrtc") && err.contains("LD_LIBRARY_PATH"),
+                "{err}"
+            );
+            assert!(
+                std::env::var_os("TESSERA_REQUIRE_NVRTC").is_none(),
+                "TESSERA_REQUIRE_NVRTC is set but `tessera kernels` found no NVRTC: {err}"
+            );
+            eprintln!("skipped: libnvrtc is not on the loader's path");
+            return;
+        }
+        let out = String::from_utf8_lossy(&o.stdout);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(
+            lines[0].starts_with("NVRTC ") && lines[0].ends_with(arch),
+            "{out}"
+        );
+        let files = &lines[1..lines.len() - 1];
+        assert_eq!(
+            files.len(),
+            tessera_runtime::cuda::sources::FILES.len(),
+            "{out}"
+        );
+        let mut listed = 0;
+        for line in files {
+            let (file, rest) = line.split_once(": ").expect("file: kernels");
+            assert!(file.ends_with(".cu"), "{line}");
+            listed += rest
+                .split(' ')
+                .next()
+                .and_then(|n| n.parse::<usize>().ok())
+                .expect("a kernel count");
+            assert!(rest.ends_with("bytes of PTX"), "{line}");
+        }
+        assert_eq!(listed, expected, "{out}");
+        assert_eq!(
+            lines.last().copied(),
+            Some(format!("{expected} kernels compiled").as_str()),
+            "{out}"
+        );
+    }
+    fails_with(&["kernels", "--arch", "compute_80"], &["compute_80"]);
+}
+
+/// `serve --backend cuda` refuses what cuda workers would refuse, before anything starts.
+#[test]
+fn serve_checks_the_cuda_flags_before_starting() {
+    if !tessera_runtime::cuda::COMPILED {
+        fails_with(
+            &["serve", "--backend", "cuda"],
+            &["built without CUDA support", "--features cuda"],
+        );
+        return;
+    }
+    fails_with(
+        &["serve", "--backend", "cuda", "--dtype", "f32"],
+        &["--dtype f32", "bf16"],
+    );
+    fails_with(
+        &["serve", "--backend", "cuda", "--tp", "2", "--devices", "0"],
+        &["--devices", "1 GPU(s) for 2 workers"],
+    );
+    fails_with(
+        &[
+            "serve",
+            "--backend",
+            "cuda",
+            "--tp",
+            "2",
+            "--devices",
+            "1,1",
+        ],
+        &["GPU 1 twice"],
+    );
+    fails_with(
+        &["serve", "--backend", "cpu", "--devices", "0,1"],
+        &["--devices", "--backend cuda"],
+    );
+}

@@ -139,7 +139,7 @@ fn by_memory(
     workers: &[Registered],
 ) -> Result<(usize, String), StartError> {
     let block = block_bytes(config, plan, c.kv_block_tokens, largest_element(workers));
-    let weight_bytes = if c.dtype == "bf16" { 2 } else { 4 };
+    let weight_bytes = if c.dtype == "f32" { 4 } else { 2 };
     // Per machine: (available bytes, weight bytes, block bytes) of its workers.
     let mut machines: BTreeMap<(IpAddr, &str), (u64, u64, u64)> = BTreeMap::new();
     for (w, spec) in workers.iter().zip(&plan.shards) {

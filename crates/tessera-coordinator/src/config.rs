@@ -87,7 +87,7 @@ pub struct ModelSection {
     /// Seed of the synthetic weights.
     #[serde(default)]
     pub synthetic_seed: u64,
-    /// Storage dtype of the weight matrices: f32 or bf16.
+    /// Storage dtype of the weight matrices: f32 or bf16, or f16 (cuda workers only).
     pub dtype: Option<String>,
 }
 
@@ -357,8 +357,11 @@ impl CoordinatorConfig {
         if self.max_batch_tokens == 0 {
             return bad("max_batch_tokens", "must be at least 1");
         }
-        if !matches!(self.dtype.as_str(), "f32" | "bf16") {
-            return bad("dtype", "must be f32 or bf16");
+        if !matches!(self.dtype.as_str(), "f32" | "bf16" | "f16") {
+            return bad(
+                "dtype",
+                "must be f32, bf16 or f16 (f16 on cuda workers only)",
+            );
         }
         if self.worker_timeout.is_zero() {
             return bad("worker_timeout_ms", "must be above 0");

@@ -20,6 +20,22 @@ pub enum RuntimeError {
     /// A backend could not run an operation.
     #[error("backend: {0}")]
     Backend(String),
+    /// The CUDA backend cannot start here: the build has no CUDA support, a CUDA library
+    /// is missing, or there is no usable device. The message says which and what to do.
+    #[error("CUDA unavailable: {0}")]
+    CudaUnavailable(String),
+    /// NVRTC refused a kernel source; `log` is the compiler's own output.
+    #[error("NVRTC could not compile {file} for {arch}: {reason}\n{log}")]
+    KernelCompile {
+        /// The kernel source file.
+        file: String,
+        /// The target architecture, `sm_80`.
+        arch: String,
+        /// What failed (the NVRTC status).
+        reason: String,
+        /// The compiler log.
+        log: String,
+    },
 }
 
 /// Result alias of the runtime.

@@ -3,10 +3,7 @@
 pub mod backend;
 pub mod collective;
 pub mod cpu;
-/// The CUDA backend's kernels: sources and launch contracts (plain data, no feature needed).
-pub mod cuda {
-    pub mod sources;
-}
+pub mod cuda;
 pub mod dtype;
 pub mod engine;
 pub mod error;
@@ -20,6 +17,8 @@ pub use collective::{
     local_group, Collective, LocalComm, TcpAbort, TcpComm, TcpGroupSpec, TcpListenerHandle,
 };
 pub use cpu::CpuBackend;
+#[cfg(feature = "cuda")]
+pub use cuda::{CudaBackend, CudaOptions};
 pub use dtype::WeightDtype;
 pub use engine::LocalEngine;
 pub use error::{Result, RuntimeError};

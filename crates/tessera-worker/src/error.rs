@@ -166,7 +166,10 @@ fn runtime_code(e: &RuntimeError) -> Code {
         RuntimeError::InvalidInput { .. } => Code::InvalidArgument,
         RuntimeError::KvExhausted { .. } => Code::ResourceExhausted,
         RuntimeError::Model(m) => model_code(m),
-        RuntimeError::Collective(_) | RuntimeError::Backend(_) => Code::Unavailable,
+        RuntimeError::Collective(_)
+        | RuntimeError::Backend(_)
+        | RuntimeError::CudaUnavailable(_)
+        | RuntimeError::KernelCompile { .. } => Code::Unavailable,
     }
 }
 

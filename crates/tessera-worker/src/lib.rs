@@ -6,6 +6,7 @@
 //! worker: `Assign` → `OpenCollectives` → `Load` → `Step`… → `Release`.
 mod collectives;
 mod convert;
+mod cuda;
 mod error;
 mod memory;
 mod service;
@@ -25,6 +26,7 @@ use tonic::transport::{Endpoint, Server};
 use tonic::Code;
 use tracing::{info, warn};
 
+pub use cuda::CudaDevice;
 pub use error::WorkerError;
 pub use memory::available_memory_bytes;
 pub use sim::SimDevice;
@@ -54,8 +56,11 @@ pub struct WorkerOptions {
     /// IP address the coordinator and the peers should dial; `None`: the address the
     /// coordinator sees the registration come from.
     pub advertise_host: Option<String>,
-    /// Compute backend: `cpu`, or `sim` with [`WorkerOptions::sim`] set.
+    /// Compute backend: `cpu`, `cuda` (builds with the `cuda` feature), or `sim` with
+    /// [`WorkerOptions::sim`] set.
     pub backend: String,
+    /// CUDA device ordinal of the `cuda` backend: the one GPU this worker drives.
+    pub cuda_device: usize,
     /// Kernel threads of the shard (at least 1).
     pub threads: usize,
     /// The simulated device of the `sim` backend.
@@ -77,6 +82,7 @@ impl WorkerOptions {
             listen: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
             advertise_host: None,
             backend: "cpu".into(),
+            cuda_device: 0,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             sim: None,
             coordinator_timeout: DEFAULT_COORDINATOR_TIMEOUT,
@@ -84,19 +90,38 @@ impl WorkerOptions {
         }
     }
 
-    /// What the shard runs on.
-    fn device(&self) -> Device {
-        match &self.sim {
-            Some(sim) => Device::Sim(sim.clone()),
-            None => Device::Cpu {
+    /// What the shard runs on; `cuda` is the GPU probed for the `cuda` backend.
+    fn device(&self, cuda: Option<CudaDevice>) -> Device {
+        match (&self.sim, cuda) {
+            (Some(sim), _) => Device::Sim(sim.clone()),
+            (None, Some(gpu)) => Device::Cuda(gpu),
+            (None, None) => Device::Cpu {
                 threads: self.threads,
             },
         }
     }
 
+    /// Probes the GPU of the `cuda` backend; `None` for the other backends.
+    fn probe_cuda(&self) -> Result<Option<CudaDevice>, WorkerError> {
+        if self.backend != "cuda" {
+            return Ok(None);
+        }
+        let gpu = cuda::probe(self.cuda_device)?;
+        info!("--backend cuda: {}", gpu.description);
+        Ok(Some(gpu))
+    }
+
     fn check(&self, tls: Option<&ClusterTls>) -> Result<Endpoint, WorkerError> {
         match (self.backend.as_str(), &self.sim) {
             ("cpu", None) => {}
+            ("cuda", None) if !tessera_runtime::cuda::COMPILED => return Err(cuda::not_compiled()),
+            ("cuda", None) => {}
+            ("cuda", Some(_)) => {
+                return Err(WorkerError::InvalidOptions(
+                    "--gpu is only for --backend sim; --device picks the GPU of --backend cuda"
+                        .into(),
+                ))
+            }
             ("sim", Some(sim)) => {
                 sim.hardware
                     .validate()
@@ -120,7 +145,7 @@ impl WorkerOptions {
             (other, _) => {
                 return Err(WorkerError::InvalidOptions(format!(
                     "backend `{other}` is not available in this worker; use --backend cpu \
-                     (or sim, to simulate a GPU)"
+                     (or cuda, or sim to simulate a GPU)"
                 )))
             }
         }
@@ -215,6 +240,7 @@ pub async fn run_worker(
 ) -> Result<(), WorkerError> {
     let tls = opts.cluster_tls.as_ref().map(|f| f.load()).transpose()?;
     let endpoint = opts.check(tls.as_ref())?;
+    let gpu = opts.probe_cuda()?;
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|source| WorkerError::Listen {
@@ -230,7 +256,8 @@ pub async fn run_worker(
     info!("worker serving on {addr}");
 
     let (generation_tx, generation_rx) = watch::channel(None);
-    let service = WorkerService::new(generation_rx, addr.ip(), opts.device());
+    let device = opts.device(gpu);
+    let service = WorkerService::new(generation_rx, addr.ip(), device.clone());
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     // With the cluster's TLS only the coordinator, holding a certificate the cluster CA
     // signed, gets past the handshake.
@@ -251,7 +278,7 @@ pub async fn run_worker(
     let mut server_done = false;
     let outcome = async {
         let registered = tokio::select! {
-            r = register(&opts, &endpoint, addr.port()) => r?,
+            r = register(&opts, &device, &endpoint, addr.port()) => r?,
             _ = &mut shutdown => return Ok(()),
             r = &mut server => {
                 server_done = true;
@@ -325,16 +352,22 @@ fn server_exit(
 /// is not reachable or has no vacant slot, for up to `coordinator_timeout`.
 async fn register(
     opts: &WorkerOptions,
+    device: &Device,
     endpoint: &Endpoint,
     port: u16,
 ) -> Result<RegisterResponse, WorkerError> {
-    // A simulated device is a machine of its own, with the profile's memory.
-    let (hostname, memory_available_bytes) = match &opts.sim {
-        Some(sim) => (
+    // A simulated device is a machine of its own, with the profile's memory; so is a GPU,
+    // with its free memory: the coordinator sizes each memory pool on its own.
+    let (hostname, memory_available_bytes) = match device {
+        Device::Sim(sim) => (
             format!("{}/sim-{}", hostname(), std::process::id()),
             sim.hardware.memory_bytes,
         ),
-        None => (hostname(), memory::available_memory_bytes().unwrap_or(0)),
+        Device::Cuda(gpu) => (
+            format!("{}/cuda:{}", hostname(), gpu.ordinal),
+            gpu.free_memory_bytes,
+        ),
+        Device::Cpu { .. } => (hostname(), memory::available_memory_bytes().unwrap_or(0)),
     };
     let request = RegisterRequest {
         port: port.into(),

@@ -6,9 +6,19 @@ use tessera_model::{ModelConfig, ShardPlan, ShardSpec};
 use tessera_runtime::{KvSpec, ShardOptions};
 
 use crate::error::WorkerError;
+use crate::shard_thread::Device;
 
 /// Bytes of one KV-cache element on the CPU backend (f32).
-const KV_ELEMENT_BYTES: u64 = 4;
+const CPU_KV_ELEMENT_BYTES: u64 = 4;
+
+/// Bytes of one KV-cache element of a shard on `device`: f32 on the CPU, the storage
+/// dtype (bf16 or f16) on a GPU.
+pub fn kv_element_bytes(device: &Device, options: &ShardOptions) -> u64 {
+    match device {
+        Device::Cuda(_) => options.dtype.size_bytes() as u64,
+        Device::Cpu { .. } | Device::Sim(_) => CPU_KV_ELEMENT_BYTES,
+    }
+}
 
 /// The KV cache geometry a shard of `spec` allocates with `options`.
 pub fn kv_spec(config: &ModelConfig, spec: &ShardSpec, options: &ShardOptions) -> KvSpec {
@@ -21,12 +31,14 @@ pub fn kv_spec(config: &ModelConfig, spec: &ShardSpec, options: &ShardOptions) -
     }
 }
 
-/// Bytes the shard's weight matrices and KV cache will take, or `None` past `u64`.
+/// Bytes the shard's weight matrices and KV cache (of `kv_element` bytes per value) will
+/// take, or `None` past `u64`.
 pub fn shard_bytes(
     config: &ModelConfig,
     plan: &ShardPlan,
     spec: &ShardSpec,
     options: &ShardOptions,
+    kv_element: u64,
 ) -> Option<u64> {
     let kv = kv_spec(config, spec, options);
     let kv_bytes = [
@@ -36,7 +48,7 @@ pub fn shard_bytes(
         kv.block_size as u64,
         kv.heads as u64,
         kv.head_dim as u64,
-        KV_ELEMENT_BYTES,
+        kv_element,
     ]
     .into_iter()
     .try_fold(1u64, u64::checked_mul)?;
@@ -46,26 +58,36 @@ pub fn shard_bytes(
     kv_bytes.checked_add(weight_bytes)
 }
 
-/// Refuses an assignment whose shard needs more than this machine's memory (or more
-/// than `u64` can count). Where the total is unknown, only the overflow is checked.
+/// Refuses an assignment whose shard needs more than the memory of `device` (or more
+/// than `u64` can count): the machine's memory for the CPU, the GPU's memory free at
+/// start-up for CUDA. Where the total is unknown, only the overflow is checked.
 pub fn check_fits(
     config: &ModelConfig,
     plan: &ShardPlan,
     spec: &ShardSpec,
     options: &ShardOptions,
+    device: &Device,
 ) -> Result<(), WorkerError> {
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    let needed = shard_bytes(config, plan, spec, options).ok_or_else(|| {
+    let element = kv_element_bytes(device, options);
+    let needed = shard_bytes(config, plan, spec, options, element).ok_or_else(|| {
         WorkerError::OutOfMemory("the shard's weights and KV cache overflow 2^64 bytes".into())
     })?;
-    match host_memory_bytes() {
+    let (capacity, what) = match device {
+        Device::Cuda(gpu) => (
+            Some(gpu.free_memory_bytes),
+            format!("GPU {} has {{}} GiB free", gpu.ordinal),
+        ),
+        _ => (host_memory_bytes(), "this machine has {} GiB".to_string()),
+    };
+    match capacity {
         Some(total) if needed > total => Err(WorkerError::OutOfMemory(format!(
             "the shard needs {:.2} GiB for weights and KV cache ({} KV blocks of {} tokens); \
-             this machine has {:.2} GiB",
+             {}",
             gib(needed),
             options.kv_blocks,
             options.block_size,
-            gib(total)
+            what.replace("{}", &format!("{:.2}", gib(total)))
         ))),
         _ => Ok(()),
     }
@@ -104,12 +126,13 @@ mod tests {
             kv_blocks: 16,
             block_size: 8,
         };
-        check_fits(&config, &plan, &spec, &small).unwrap();
+        let cpu = Device::Cpu { threads: 1 };
+        check_fits(&config, &plan, &spec, &small, &cpu).unwrap();
         // 4 layers · 16 blocks · 8 tokens · 4 heads · 32 · 2 (K and V) · 4 bytes.
         let kv = 4 * 16 * 8 * 4 * 32 * 2 * 4;
         let weights = plan.worker_params(&config, &spec) * 4;
         assert_eq!(
-            shard_bytes(&config, &plan, &spec, &small),
+            shard_bytes(&config, &plan, &spec, &small, 4),
             Some(kv + weights)
         );
         let absurd = ShardOptions {
@@ -117,7 +140,35 @@ mod tests {
             block_size: u32::MAX as usize,
             ..small
         };
-        let e = check_fits(&config, &plan, &spec, &absurd).unwrap_err();
+        let e = check_fits(&config, &plan, &spec, &absurd, &cpu).unwrap_err();
         assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    }
+
+    #[test]
+    fn a_gpu_shard_counts_16_bit_kv_against_the_gpu_memory() {
+        let config = ModelConfig::preset("gpt2-tiny").unwrap();
+        let plan = ShardPlan::new(&config, 2, 1).unwrap();
+        let spec = plan.shard(0, 1).clone();
+        let options = ShardOptions {
+            dtype: WeightDtype::Bf16,
+            kv_blocks: 16,
+            block_size: 8,
+        };
+        let gpu = |free_memory_bytes| {
+            Device::Cuda(crate::cuda::CudaDevice {
+                ordinal: 3,
+                description: "test".into(),
+                total_memory_bytes: free_memory_bytes,
+                free_memory_bytes,
+            })
+        };
+        assert_eq!(kv_element_bytes(&gpu(1), &options), 2);
+        let needed = shard_bytes(&config, &plan, &spec, &options, 2).unwrap();
+        let kv = 4 * 16 * 8 * 4 * 32 * 2 * 2;
+        assert_eq!(needed, kv + plan.worker_params(&config, &spec) * 2);
+        check_fits(&config, &plan, &spec, &options, &gpu(needed)).unwrap();
+        let e = check_fits(&config, &plan, &spec, &options, &gpu(needed - 1)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(e.to_string().contains("GPU 3 has"), "{e}");
     }
 }

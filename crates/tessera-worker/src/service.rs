@@ -299,11 +299,17 @@ impl WorkerService {
             let _ = tokio::task::spawn_blocking(move || drop(stale)).await;
             // A simulated shard allocates nothing here; it checks its device's memory at
             // load. A kept shard already holds its memory.
-            if matches!(self.inner.device, Device::Cpu { .. }) {
+            if !matches!(self.inner.device, Device::Sim(_)) {
                 let load = &assignment.load;
                 let plan = ShardPlan::new(&load.config, load.tp, load.pp)
                     .map_err(|e| WorkerError::invalid("tp × pp", e.to_string()))?;
-                memory::check_fits(&load.config, &plan, &load.spec, &load.options)?;
+                memory::check_fits(
+                    &load.config,
+                    &plan,
+                    &load.spec,
+                    &load.options,
+                    &self.inner.device,
+                )?;
             }
         }
         let spec = &assignment.load.spec;
@@ -606,6 +612,22 @@ fn validate_assignment(
         .dtype
         .parse()
         .map_err(|e: String| WorkerError::invalid("model.dtype", e))?;
+    match (device, dtype) {
+        (Device::Cpu { .. }, WeightDtype::F16) => {
+            return Err(WorkerError::invalid(
+                "model.dtype",
+                "f16 is for cuda workers; this worker runs the cpu backend (f32 or bf16)",
+            ))
+        }
+        (Device::Cuda(_), WeightDtype::F32) => {
+            return Err(WorkerError::invalid(
+                "model.dtype",
+                "f32: a cuda worker stores weights, activations and KV cache as bf16 or \
+                 f16; start the coordinator with --dtype bf16",
+            ))
+        }
+        _ => {}
+    }
     let (tp, pp) = (req.tp as usize, req.pp as usize);
     if tp == 0 {
         return Err(WorkerError::invalid("tp", "must be at least 1"));

@@ -1,6 +1,7 @@
 //! The shard thread: one OS thread that loads the shard and then owns it, running steps
 //! in the order they arrive. On the CPU, load and every step run inside `backend.run`, so
-//! the kernels use this shard's own thread pool; a `sim` shard only takes its time.
+//! the kernels use this shard's own thread pool; a `cuda` shard's context, stream and
+//! memory are made and used on this thread; a `sim` shard only takes its time.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use tessera_runtime::{
 };
 use tokio::sync::oneshot;
 
+use crate::cuda::CudaDevice;
 use crate::error::WorkerError;
 use crate::memory::kv_spec;
 use crate::sim::{SimDevice, SimShard};
@@ -58,11 +60,15 @@ pub enum Device {
     },
     /// No arithmetic: each step takes the time predicted on a device profile.
     Sim(SimDevice),
+    /// The CUDA backend on one GPU.
+    Cuda(CudaDevice),
 }
 
 /// A loaded shard, on whatever it runs.
 enum Runner {
     Cpu(CpuBackend, Box<Shard<CpuBackend>>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<Shard<tessera_runtime::CudaBackend>>),
     Sim(Box<SimShard>),
 }
 
@@ -70,6 +76,8 @@ impl Runner {
     fn weight_bytes(&self) -> usize {
         match self {
             Runner::Cpu(_, shard) => shard.weight_bytes(),
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(shard) => shard.weight_bytes(),
             Runner::Sim(shard) => shard.weight_bytes(),
         }
     }
@@ -77,6 +85,8 @@ impl Runner {
     fn step(&mut self, req: &StepRequest) -> Result<Option<StepOutput>, WorkerError> {
         match self {
             Runner::Cpu(backend, shard) => backend.run(|| shard.step(req)).map_err(Into::into),
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(shard) => shard.step(req).map_err(Into::into),
             Runner::Sim(shard) => shard.step(req),
         }
     }
@@ -84,6 +94,8 @@ impl Runner {
     fn replace_comms(&mut self, comms: ShardComms) -> ShardComms {
         match self {
             Runner::Cpu(_, shard) => shard.replace_comms(comms),
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(shard) => shard.replace_comms(comms),
             Runner::Sim(shard) => shard.replace_comms(comms),
         }
     }
@@ -244,6 +256,7 @@ fn caught<T>(f: impl FnOnce() -> Result<T, WorkerError>) -> Result<T, WorkerErro
 fn load_shard(load: &LoadSpec, comms: ShardComms) -> Result<Runner, WorkerError> {
     let threads = match &load.device {
         Device::Cpu { threads } => *threads,
+        Device::Cuda(gpu) => return load_cuda(load, gpu, comms),
         Device::Sim(device) => {
             let plan = ShardPlan::new(&load.config, load.tp, load.pp)?;
             let kv = kv_spec(&load.config, &load.spec, &load.options);
@@ -270,6 +283,35 @@ fn load_shard(load: &LoadSpec, comms: ShardComms) -> Result<Runner, WorkerError>
         )
     })?;
     Ok(Runner::Cpu(backend, Box::new(shard)))
+}
+
+/// Opens the GPU, compiles (or reads from the kernel cache) and loads the kernels, and
+/// loads the shard into device memory.
+#[cfg(feature = "cuda")]
+fn load_cuda(load: &LoadSpec, gpu: &CudaDevice, comms: ShardComms) -> Result<Runner, WorkerError> {
+    use tessera_runtime::cuda::compile::KernelCache;
+    use tessera_runtime::{CudaBackend, CudaOptions};
+
+    let source = open_weights(&load.weights, &load.config)?;
+    let backend = CudaBackend::new(&CudaOptions {
+        ordinal: gpu.ordinal,
+        dtype: load.options.dtype,
+        kernel_cache: KernelCache::from_env(),
+    })?;
+    let shard = Shard::load(
+        backend,
+        &load.config,
+        &load.spec,
+        source.as_ref(),
+        load.options,
+        comms,
+    )?;
+    Ok(Runner::Cuda(Box::new(shard)))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn load_cuda(_: &LoadSpec, _: &CudaDevice, _: ShardComms) -> Result<Runner, WorkerError> {
+    Err(crate::cuda::not_compiled())
 }
 
 /// Opens the weights; a checkpoint must describe the assigned model and hold every

@@ -23,7 +23,8 @@ pub struct ClusterArgs {
     /// Seed of a preset's synthetic weights.
     #[arg(long, value_name = "S")]
     pub synth_seed: Option<u64>,
-    /// Storage dtype of the weight matrices: f32 or bf16 (compute is f32 on the CPU).
+    /// Storage dtype of the weight matrices: f32 or bf16 (compute is f32 on the CPU), or
+    /// bf16 or f16 on cuda workers (activations and KV cache then use the same dtype).
     #[arg(long)]
     pub dtype: Option<String>,
     /// Tensor-parallel ranks per stage: must divide the attention heads and 4·d.

@@ -10,6 +10,7 @@ mod cluster_args;
 mod coordinator_cmd;
 mod cpu_profile;
 mod generate_cmd;
+mod kernels_cmd;
 mod model_cmd;
 mod plan_cmd;
 mod run;
@@ -56,6 +57,10 @@ enum Command {
     /// Make a development CA and certificates for TLS: one per cluster node (mutual TLS
     /// between the coordinator and its workers) and one for the public API.
     Certs(certs_cmd::CertsArgs),
+    /// Compile every CUDA kernel through NVRTC for a GPU architecture (no GPU or driver
+    /// needed, only libnvrtc) and list the kernels of each source. Needs a build with
+    /// `--features cuda`.
+    Kernels(kernels_cmd::KernelsArgs),
 }
 
 fn main() {
@@ -91,6 +96,7 @@ fn main() {
         Command::Bench(args) => bench::bench(args),
         Command::Plan(args) => plan_cmd::plan_cmd(args),
         Command::Certs(args) => certs_cmd::certs(args),
+        Command::Kernels(args) => kernels_cmd::kernels(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

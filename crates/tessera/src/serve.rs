@@ -37,11 +37,17 @@ pub struct ServeArgs {
     /// Kernel threads in all, split evenly over the workers (default: every core).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
-    /// Backend of the workers: `cpu`, or `sim` to simulate a GPU cluster on this machine
-    /// (no arithmetic: each step takes the time `tessera plan` predicts on `--gpu`; weights
-    /// and KV cache are bf16 and sized from the profile's memory; tokens are placeholders).
+    /// Backend of the workers: `cpu`; `cuda`, one worker process per GPU of `--devices`
+    /// (bf16 unless --dtype f16; needs a build with `--features cuda`); or `sim` to
+    /// simulate a GPU cluster on this machine (no arithmetic: each step takes the time
+    /// `tessera plan` predicts on `--gpu`; weights and KV cache are bf16 and sized from the
+    /// profile's memory; tokens are placeholders).
     #[arg(long, value_name = "BACKEND", default_value = "cpu")]
     pub backend: String,
+    /// GPUs of `--backend cuda`, one per worker: worker i (of tp × pp) drives GPU
+    /// devices[i]. Default: 0, 1, …, tp × pp − 1.
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',')]
+    pub devices: Option<Vec<usize>>,
     /// Device profile of `--backend sim`: a100-80g, h100-sxm or h200.
     #[arg(long, value_name = "PROFILE", default_value = "h100-sxm")]
     pub gpu: String,
@@ -59,15 +65,29 @@ pub fn config(args: &ServeArgs) -> Result<CoordinatorConfig> {
     c.tp = 2;
     match args.backend.as_str() {
         "cpu" => {}
+        "cuda" if !tessera_runtime::cuda::COMPILED => {
+            bail!("--backend cuda: {}", tessera_runtime::cuda::NOT_COMPILED)
+        }
+        "cuda" => {
+            // GPUs store 16 bits; f32 is refused by cuda workers.
+            c.dtype = "bf16".into();
+            c.kv_memory_fraction = CUDA_MEMORY_FRACTION;
+        }
         "sim" => {
             // What a GPU deployment runs: bf16 weights, the profile's share of memory.
             let hw = tessera_model::Hardware::gpu(&args.gpu)?;
             c.dtype = "bf16".into();
             c.kv_memory_fraction = hw.memory_fraction;
         }
-        other => bail!("--backend: `{other}` is not cpu or sim"),
+        other => bail!("--backend: `{other}` is not cpu, cuda or sim"),
     }
     args.cluster.apply(&mut c)?;
+    if args.backend == "cuda" && c.dtype == "f32" {
+        bail!("--dtype f32: cuda workers store bf16 or f16; use --dtype bf16 (the default) or f16");
+    }
+    if args.backend != "cuda" && args.devices.is_some() {
+        bail!("--devices picks the GPUs of --backend cuda");
+    }
     c.listen = args.listen.clone();
     if c.http_listen.is_none() {
         c.http_listen = Some(tessera_coordinator::config::defaults::SERVE_HTTP_LISTEN.into());
@@ -80,6 +100,32 @@ pub fn config(args: &ServeArgs) -> Result<CoordinatorConfig> {
     Ok(c)
 }
 
+/// Share of each GPU's free memory that `serve --backend cuda` gives weights and KV cache:
+/// the rest is the CUDA context, cuBLAS's workspace and the step's activations.
+const CUDA_MEMORY_FRACTION: f64 = 0.85;
+
+/// The GPU of each of `world` workers: `--devices` as given (one per worker), else 0, 1, ….
+fn cuda_devices(given: Option<&[usize]>, world: usize) -> Result<Vec<usize>> {
+    match given {
+        None => Ok((0..world).collect()),
+        Some(d) if d.len() != world => bail!(
+            "--devices names {} GPU(s) for {world} workers (tp × pp); give one per worker",
+            d.len()
+        ),
+        Some(d) => {
+            let mut seen = d.to_vec();
+            seen.sort_unstable();
+            if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
+                bail!(
+                    "--devices names GPU {} twice; each worker needs its own GPU",
+                    w[0]
+                );
+            }
+            Ok(d.to_vec())
+        }
+    }
+}
+
 /// First pause before restarting a worker that died young, and the longest.
 const RESTART_BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(8));
 /// How often exited workers are looked for.
@@ -90,6 +136,8 @@ const HEALTHY_RUN: Duration = Duration::from_secs(30);
 /// One worker process and its restart history.
 struct Supervised {
     child: Child,
+    /// Flags of this worker alone (its GPU).
+    own_args: Vec<OsString>,
     started: Instant,
     /// Exits in a row, each before a healthy run.
     young_exits: u32,
@@ -117,8 +165,14 @@ struct Workers {
 }
 
 impl Workers {
-    /// `n` workers registering at `coordinator`, with `extra` flags (device, TLS).
-    fn spawn(n: usize, coordinator: &str, threads: usize, extra: &[OsString]) -> Result<Workers> {
+    /// Workers registering at `coordinator` with `extra` flags (backend, TLS), one per entry
+    /// of `own`, which holds each worker's own flags (its GPU).
+    fn spawn(
+        own: Vec<Vec<OsString>>,
+        coordinator: &str,
+        threads: usize,
+        extra: &[OsString],
+    ) -> Result<Workers> {
         let exe = std::env::current_exe().context("cannot find the tessera executable")?;
         let mut args: Vec<OsString> = [
             "worker",
@@ -133,14 +187,15 @@ impl Workers {
         .to_vec();
         args.extend_from_slice(extra);
         let mut workers = Workers {
-            children: Vec::with_capacity(n),
+            children: Vec::with_capacity(own.len()),
             exe,
             args,
         };
-        for _ in 0..n {
-            let child = workers.start()?;
+        for own_args in own {
+            let child = workers.start(&own_args)?;
             workers.children.push(Supervised {
                 child,
+                own_args,
                 started: Instant::now(),
                 young_exits: 0,
                 restart_at: None,
@@ -149,11 +204,11 @@ impl Workers {
         Ok(workers)
     }
 
-    /// Starts one worker process.
-    fn start(&self) -> Result<Child> {
+    /// Starts one worker process with its own flags.
+    fn start(&self, own_args: &[OsString]) -> Result<Child> {
         {
             let mut cmd = Command::new(&self.exe);
-            cmd.args(&self.args).stdin(Stdio::null());
+            cmd.args(&self.args).args(own_args).stdin(Stdio::null());
             #[cfg(target_os = "linux")]
             {
                 use std::os::unix::process::CommandExt;
@@ -224,7 +279,7 @@ impl Workers {
                 c.restart_at = Some(now + backoff);
             }
             if self.children[i].restart_at.is_some_and(|t| t <= now) {
-                match self.start() {
+                match self.start(&self.children[i].own_args) {
                     Ok(child) => {
                         info!(
                             "started worker process {} in place of {}",
@@ -296,6 +351,15 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         bail!("--threads must be at least 1");
     }
     let per_worker = (threads / world).max(1);
+    // Each worker's own flags: its GPU under --backend cuda.
+    let own: Vec<Vec<OsString>> = if args.backend == "cuda" {
+        cuda_devices(args.devices.as_deref(), world)?
+            .into_iter()
+            .map(|d| vec!["--device".into(), d.to_string().into()])
+            .collect()
+    } else {
+        vec![Vec::new(); world]
+    };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     // Workers are spawned from this (the main) thread: the parent-death signal fires when
     // the thread that forked a child exits, and the main thread lives as long as we do.
@@ -316,13 +380,14 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         .into_iter()
         .map(OsString::from)
         .collect(),
+        "cuda" => vec!["--backend".into(), "cuda".into()],
         _ => Vec::new(),
     };
     if let Some(files) = &config.cluster_tls {
         extra.extend(ClusterTlsArgs::to_args(files));
     }
     let register_at = dialable(coordinator.registration_addr());
-    let mut workers = Workers::spawn(world, &register_at, per_worker, &extra)?;
+    let mut workers = Workers::spawn(own, &register_at, per_worker, &extra)?;
     // What clients dial: the scheme says whether the API speaks TLS.
     let (grpc, http_scheme) = match config.tls {
         Some(_) => (format!("https://{dial}"), "https"),
@@ -352,10 +417,10 @@ pub fn serve(args: ServeArgs) -> Result<()> {
                 _ = &mut shutdown => bail!("interrupted during start-up"),
             }
         }
-        let on = if args.backend == "sim" {
-            format!(", simulated on {} × {}", world, args.gpu)
-        } else {
-            String::new()
+        let on = match args.backend.as_str() {
+            "sim" => format!(", simulated on {} × {}", world, args.gpu),
+            "cuda" => format!(", one GPU each, {}", config.dtype),
+            _ => String::new(),
         };
         println!(
             "Tessera is serving {} (tp={} pp={}, {} worker processes{on}) on {grpc}",
@@ -435,5 +500,15 @@ mod tests {
         assert_eq!(restart_backoff(3), RESTART_BACKOFF.0 * 2);
         assert_eq!(restart_backoff(4), RESTART_BACKOFF.0 * 4);
         assert_eq!(restart_backoff(40), RESTART_BACKOFF.1, "capped");
+    }
+
+    #[test]
+    fn each_cuda_worker_gets_its_own_gpu() {
+        assert_eq!(cuda_devices(None, 4).unwrap(), [0, 1, 2, 3]);
+        assert_eq!(cuda_devices(Some(&[3, 1]), 2).unwrap(), [3, 1]);
+        let e = cuda_devices(Some(&[0, 1, 2]), 2).unwrap_err().to_string();
+        assert!(e.contains("3 GPU(s) for 2 workers"), "{e}");
+        let e = cuda_devices(Some(&[1, 1]), 2).unwrap_err().to_string();
+        assert!(e.contains("GPU 1 twice"), "{e}");
     }
 }

@@ -26,10 +26,17 @@ pub struct WorkerArgs {
     /// (default: the address the coordinator sees the registration come from).
     #[arg(long, value_name = "IP")]
     pub advertise_host: Option<std::net::IpAddr>,
-    /// Compute backend of the shard: `cpu`, or `sim` (no arithmetic: each step takes the
-    /// time the cost model predicts on the `--gpu` profile).
+    /// Compute backend of the shard: `cpu`; `cuda` (one GPU, `--device`; needs a build with
+    /// `--features cuda`, the NVIDIA driver, NVRTC and cuBLAS, and a coordinator serving
+    /// --dtype bf16 or f16); or `sim` (no arithmetic: each step takes the time the cost
+    /// model predicts on the `--gpu` profile).
     #[arg(long, value_name = "BACKEND", default_value = "cpu")]
     pub backend: String,
+    /// The GPU of `--backend cuda` (CUDA device ordinal; one worker process per GPU).
+    /// Compiled kernels are cached in $TESSERA_KERNEL_CACHE, else
+    /// $XDG_CACHE_HOME/tessera/kernels, else ~/.cache/tessera/kernels.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub device: usize,
     /// Device profile simulated by `--backend sim`: a100-80g, h100-sxm or h200.
     #[arg(long, value_name = "PROFILE")]
     pub gpu: Option<String>,
@@ -62,6 +69,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         listen: args.listen,
         advertise_host: args.advertise_host.map(|ip| ip.to_string()),
         backend: args.backend,
+        cuda_device: args.device,
         sim,
         threads: args.threads.unwrap_or(defaults.threads),
         coordinator_timeout: Duration::from_secs(args.coordinator_timeout),

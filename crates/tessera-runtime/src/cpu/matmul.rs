@@ -125,9 +125,13 @@ impl Matrix {
     /// ties to even.
     ///
     /// # Panics
-    /// If `data.len() != rows * cols`.
+    /// If `data.len() != rows * cols`, or for f16, which the CPU kernels do not read.
     pub fn new(rows: usize, cols: usize, data: Vec<f32>, dtype: WeightDtype) -> Self {
         check_len("Matrix::new", rows, cols, data.len());
+        assert!(
+            dtype != WeightDtype::F16,
+            "the CPU backend stores weights as f32 or bf16, not f16"
+        );
         let panel_lines = cols * PANEL_WIDTH * dtype.size_bytes() / 64;
         let n_panels = rows.div_ceil(PANEL_WIDTH);
         let mut panels = vec![CacheLine([0; 64]); n_panels * panel_lines];
@@ -148,6 +152,7 @@ impl Matrix {
                                 }
                             }
                         }
+                        WeightDtype::F16 => unreachable!("refused above"),
                         WeightDtype::Bf16 => {
                             let panel = lines_as_mut::<u16>(panel);
                             for (j, row) in src.chunks_exact(cols).enumerate() {
@@ -215,6 +220,7 @@ impl Matrix {
                     *o = row[j];
                 }
             }
+            WeightDtype::F16 => unreachable!("Matrix::new refuses f16"),
             WeightDtype::Bf16 => {
                 let panel = lines_as::<u16>(panel);
                 let slot = bf16_slot(j);
@@ -850,6 +856,7 @@ mod tests {
         match dtype {
             WeightDtype::F32 => data.to_vec(),
             WeightDtype::Bf16 => data.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
+            WeightDtype::F16 => unreachable!("the CPU backend has no f16 weights"),
         }
     }
 

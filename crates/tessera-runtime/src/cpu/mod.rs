@@ -143,6 +143,11 @@ impl Backend for CpuBackend {
                 data.len()
             )));
         }
+        if dtype == WeightDtype::F16 {
+            return Err(RuntimeError::Backend(
+                "the cpu backend stores weights as f32 or bf16; f16 needs --backend cuda".into(),
+            ));
+        }
         Ok(Matrix::new(rows, cols, data, dtype))
     }
 
