@@ -1,61 +1,117 @@
 #!/usr/bin/env bash
-# The CUDA backend on a machine with an NVIDIA GPU, in one run: builds with the cuda feature,
-# compiles every kernel for the GPU's architecture, runs the CUDA tests against the CPU
-# backend with a GPU required (op by op, paged attention, gpt2-tiny at TP 1 and 2), then
-# serves gpt2-tiny on the GPU and generates through the real coordinator and worker.
+# Checks and times Tessera's CUDA backend on this machine's GPU.
 #
-#   scripts/gpu-check.sh            # GPU 0
-#   TESSERA_CUDA_DEVICE=3 scripts/gpu-check.sh
+# Needs: one NVIDIA GPU with a CUDA 13 driver; CUDA's libraries from Python packages
+# (PyTorch's pip install brings cuBLAS, NVRTC and NCCL; no CUDA toolkit needed); and a
+# tessera binary built with the cuda feature, which needs no CUDA to build:
 #
-# NVRTC and cuBLAS come from the system where the loader finds them, else from PyPI, with
-# NVRTC pinned to the driver's CUDA version (a newer NVRTC writes PTX the driver cannot load).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-device=${TESSERA_CUDA_DEVICE:-0}
+#     cargo build --release -p tessera --features cuda
+#
+# The binary is $TESSERA_BIN, else target/release/tessera, else
+# target/x86_64-unknown-linux-gnu/release/tessera. The script finds the libraries, puts
+# their directories on LD_LIBRARY_PATH, compiles every kernel (`tessera kernels`), then
+# runs `tessera gpu-check --out $OUT` (default /tmp/tessera-gpu-check) under a time
+# limit and exits with its status. The table it prints last is the result; the JSON
+# beside it in $OUT has every number.
+set -uo pipefail
 
-nvidia-smi --query-gpu=index,name,compute_cap,driver_version,memory.total --format=csv
-cuda_version=$(nvidia-smi | grep -o 'CUDA Version: [0-9]*\.[0-9]*' | grep -o '[0-9.]*$')
-cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader -i "$device" | tr -d ' .')
-arch="sm_$cap"
-echo "driver CUDA $cuda_version, GPU $device is $arch"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+out="${OUT:-/tmp/tessera-gpu-check}"
+limit_s="${TESSERA_GPU_CHECK_TIMEOUT:-480}"
+arch="${TESSERA_ARCH:-sm_90}"
 
-if ! ldconfig -p | grep -q 'libnvrtc.so.13' || ! ldconfig -p | grep -q 'libcublas.so.13'; then
-    venv="${TMPDIR:-/tmp}/tessera-gpu-venv"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check \
-        "nvidia-cuda-nvrtc==${cuda_version}.*" nvidia-cublas
-    lib=$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')
-    export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-fi
-export TESSERA_REQUIRE_GPU=1 TESSERA_REQUIRE_NVRTC=1 TESSERA_CUDA_DEVICE="$device"
+say() { printf 'gpu-check: %s\n' "$*" >&2; }
+die() { say "$*"; exit 1; }
 
-echo "== build"
-cargo build -p tessera --features cuda
-tessera=target/debug/tessera
-
-echo "== kernels for $arch"
-"$tessera" kernels --arch "$arch"
-
-echo "== the CUDA backend against the CPU backend"
-cargo test -p tessera-runtime --features cuda --lib cuda
-cargo test -p tessera-runtime --features cuda --test cuda_backend -- --nocapture --test-threads 1
-
-echo "== serve gpt2-tiny on GPU $device and generate"
-log=$(mktemp)
-"$tessera" serve --backend cuda --devices "$device" --tp 1 --preset gpt2-tiny \
-    --listen 127.0.0.1:50071 --http-listen 127.0.0.1:8071 >"$log" 2>&1 &
-serve=$!
-trap 'kill "$serve" 2>/dev/null || true; wait "$serve" 2>/dev/null || true' EXIT
-for _ in $(seq 1 120); do
-    grep -q "Tessera is serving" "$log" && break
-    if ! kill -0 "$serve" 2>/dev/null; then
-        cat "$log"
-        echo "serve exited during start-up" >&2
-        exit 1
+# --- the binary ---------------------------------------------------------------------
+bin=""
+for candidate in "${TESSERA_BIN:-}" "$root/target/release/tessera" \
+    "$root/target/x86_64-unknown-linux-gnu/release/tessera"; do
+    if [[ -n "$candidate" && -x "$candidate" ]]; then
+        bin="$candidate"
+        break
     fi
-    sleep 1
 done
-grep -q "Tessera is serving" "$log" || { cat "$log"; echo "serve did not start in 120 s" >&2; exit 1; }
-"$tessera" generate --endpoint 127.0.0.1:50071 --prompt "The cluster" --max-tokens 16
-grep -E "CUDA backend on" "$log" || true
-echo "gpu-check: passed"
+if [[ -z "$bin" ]]; then
+    die "no tessera binary: set TESSERA_BIN, or build one where Rust is installed with
+    cargo build --release -p tessera --features cuda
+and bring target/release/tessera here (it loads CUDA at run time, so it builds without it)"
+fi
+say "binary: $bin"
+
+# --- the GPU ------------------------------------------------------------------------
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+    die "nvidia-smi not found: this machine has no NVIDIA driver (or it is not on PATH); \
+the check needs an NVIDIA GPU"
+fi
+if ! nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader >&2; then
+    die "nvidia-smi found no usable GPU"
+fi
+
+# --- CUDA libraries from Python packages ----------------------------------------------
+# Every site-packages of the Pythons here (python3 on PATH and PyTorch's venv), searched
+# by file name: wheel layouts differ (nvidia/cu13/lib, nvidia/cublas/lib, nvidia/nccl/lib…).
+site_dirs=()
+for py in python3 /opt/torch/.venv/bin/python3; do
+    command -v "$py" >/dev/null 2>&1 || continue
+    while IFS= read -r d; do
+        [[ -n "$d" && -d "$d" ]] && site_dirs+=("$d")
+    done < <("$py" -c 'import site, sys
+for p in site.getsitepackages() + [site.getusersitepackages()] + sys.path:
+    print(p)' 2>/dev/null | sort -u)
+done
+[[ -d /opt/torch/.venv/lib ]] && site_dirs+=(/opt/torch/.venv/lib)
+
+# find_lib NAME_GLOB: the directory of the first file matching it under nvidia/ of any
+# site-packages (or anywhere under them, for other layouts).
+find_lib() {
+    local pattern="$1" d f
+    for d in "${site_dirs[@]}"; do
+        for base in "$d/nvidia" "$d"; do
+            [[ -d "$base" ]] || continue
+            f="$(find "$base" -maxdepth 5 -name "$pattern" \( -type f -o -type l \) 2>/dev/null | sort | head -n 1)"
+            if [[ -n "$f" ]]; then
+                dirname "$f"
+                return 0
+            fi
+        done
+    done
+    return 1
+}
+
+lib_dirs=()
+missing=()
+for lib in 'libcublas.so.*' 'libcublasLt.so.*' 'libnvrtc.so.*' 'libnvrtc-builtins.so.*' 'libnccl.so.*'; do
+    if dir="$(find_lib "$lib")"; then
+        say "found ${lib%%.so*} in $dir"
+        case " ${lib_dirs[*]-} " in *" $dir "*) ;; *) lib_dirs+=("$dir") ;; esac
+    else
+        missing+=("${lib%%.so*}")
+    fi
+done
+if ((${#missing[@]})); then
+    say "not found in any Python package: ${missing[*]} (searched: ${site_dirs[*]-none});"
+    say "the system loader's path is tried for them (libnccl missing fails the nccl check only)"
+fi
+if ((${#lib_dirs[@]})); then
+    joined="$(IFS=:; echo "${lib_dirs[*]}")"
+    export LD_LIBRARY_PATH="$joined${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+say "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+
+# --- kernels, then the check ------------------------------------------------------------
+mkdir -p "$out" || die "cannot create $out"
+# Outside $out, which then holds only the report.
+export TESSERA_KERNEL_CACHE="${TESSERA_KERNEL_CACHE:-/tmp/tessera-kernel-cache}"
+say "compiling every kernel for $arch"
+if ! "$bin" kernels --arch "$arch"; then
+    die "the kernels did not compile (above); the check needs them"
+fi
+
+say "running tessera gpu-check (limit ${limit_s} s), results in $out"
+timeout --kill-after=20 "$limit_s" "$bin" gpu-check --out "$out" "$@"
+status=$?
+if ((status == 124 || status == 137)); then
+    say "tessera gpu-check did not finish within ${limit_s} s"
+fi
+exit "$status"

@@ -14,8 +14,10 @@ pub mod step;
 
 pub use backend::{Backend, KvSpec, SeqSpan};
 pub use collective::{
-    local_group, Collective, LocalComm, TcpAbort, TcpComm, TcpGroupSpec, TcpListenerHandle,
+    local_group, Collective, LocalComm, NcclId, TcpAbort, TcpComm, TcpGroupSpec, TcpListenerHandle,
 };
+#[cfg(feature = "cuda")]
+pub use collective::{NcclAbort, NcclComm, NcclGroupSpec};
 pub use cpu::CpuBackend;
 #[cfg(feature = "cuda")]
 pub use cuda::{CudaBackend, CudaOptions};

@@ -10,6 +10,7 @@ mod cluster_args;
 mod coordinator_cmd;
 mod cpu_profile;
 mod generate_cmd;
+mod gpu_check_cmd;
 mod kernels_cmd;
 mod model_cmd;
 mod plan_cmd;
@@ -61,6 +62,11 @@ enum Command {
     /// needed, only libnvrtc) and list the kernels of each source. Needs a build with
     /// `--features cuda`.
     Kernels(kernels_cmd::KernelsArgs),
+    /// On a machine with an NVIDIA GPU: check every CUDA kernel and a whole GPT-2 forward
+    /// pass against the CPU backend, form a one-rank NCCL communicator, and time the
+    /// kernels and a gpt3-175b TP=8 shard's decode and prefill against floors measured on
+    /// the GPU. Prints a short table last. Needs a build with `--features cuda`.
+    GpuCheck(gpu_check_cmd::GpuCheckArgs),
 }
 
 fn main() {
@@ -76,6 +82,8 @@ fn main() {
     // Servers say what they are doing; one-shot tools speak only when something is wrong.
     let default_filter = match cli.command {
         Command::Serve(_) | Command::Coordinator(_) | Command::Worker(_) => "info",
+        // A long run that a person watches: every step says what it did and how long.
+        Command::GpuCheck(ref a) if !a.dry_run => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -97,6 +105,7 @@ fn main() {
         Command::Plan(args) => plan_cmd::plan_cmd(args),
         Command::Certs(args) => certs_cmd::certs(args),
         Command::Kernels(args) => kernels_cmd::kernels(args),
+        Command::GpuCheck(args) => gpu_check_cmd::gpu_check(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -3,12 +3,22 @@
 //! Every implementation reduces in the same fixed order — the order of a ring
 //! reduce-scatter — so a sum is bit-identical whichever transport carries it:
 //! for chunk `c` of `n` equal chunks, the sum starts at rank `(c + 1) % n` and adds the
-//! ranks in ring order, ending with rank `c`.
+//! ranks in ring order, ending with rank `c`. The `nccl` collective (feature `cuda`) is
+//! the exception: NCCL picks its own order, so its sums match the others only to rounding.
 
 mod local;
+#[cfg(feature = "cuda")]
+mod nccl;
+mod nccl_id;
 mod tcp;
 
 pub use local::{local_group, LocalComm};
+#[cfg(feature = "cuda")]
+pub use nccl::{
+    library_present as nccl_library_present, require_library as require_nccl_library, NcclAbort,
+    NcclComm, NcclDtype, NcclElement, NcclGroupSpec, MIN_NCCL_VERSION,
+};
+pub use nccl_id::{new_unique_id, require_nccl, NcclId, NCCL_ID_BYTES, NCCL_MISSING};
 pub use tcp::{TcpAbort, TcpComm, TcpGroupSpec, TcpListenerHandle};
 
 use crate::error::Result;
@@ -29,6 +39,21 @@ pub trait Collective: Send {
     fn recv(&mut self, peer: usize, out: &mut [f32]) -> Result<()>;
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<()>;
+
+    /// The NCCL communicator behind this group, when it is one; `None` for every other
+    /// collective.
+    ///
+    /// This is the seam between the generic forward pass, which holds its groups as
+    /// `&mut dyn Collective`, and the CUDA backend: where it is `Some`, the backend
+    /// reduces, sends and receives its device tensors in place through
+    /// [`NcclComm::all_reduce_sum_in_place`], [`NcclComm::send_device`] and
+    /// [`NcclComm::recv_device`], on its compute stream, with no host copy; where it is
+    /// `None` (a TCP group, in a cluster that also has CPU workers) it downloads, calls
+    /// the host methods above, and uploads.
+    #[cfg(feature = "cuda")]
+    fn nccl(&mut self) -> Option<&mut NcclComm> {
+        None
+    }
 }
 
 /// The chunk of a buffer of `len` elements that ring step `c` of `n` owns.

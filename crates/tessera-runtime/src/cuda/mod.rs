@@ -7,6 +7,7 @@
 //! panic on a missing library. Without the feature the module still says why CUDA is not
 //! available ([`NOT_COMPILED`]), so callers need no `cfg` of their own to report it.
 
+pub mod check;
 pub mod sources;
 
 #[cfg(feature = "cuda")]
