@@ -333,7 +333,7 @@ mod tests {
             c.kv_bytes_per_token(2)
         );
         let w = decode_step(&c, &spec, 64, 256, 2);
-        assert_eq!(w.kv_bytes, (64 * 257 * 589_824) as f64);
+        assert_eq!(w.kv_bytes, 64.0 * 257.0 * 589_824.0);
     }
 
     #[test]

@@ -208,6 +208,8 @@ pub struct LargeShard {
     spec: ShardSpec,
     /// Blocks each decode sequence owns.
     blocks_per_seq: usize,
+    /// Seconds the load took, synthesis and upload included.
+    pub load_s: f64,
 }
 
 /// KV blocks the timings need: each decode sequence its own context plus one token,
@@ -245,20 +247,21 @@ pub fn load_large(
         world_one(),
     )?;
     gpu.synchronize()?;
+    let load_s = started.elapsed().as_secs_f64();
     info!(
-        "{} tp{} rank {}: {:.2} GB of weights and {} KV blocks loaded in {:.1} s",
+        "{} tp{} rank {}: {:.2} GB of weights and {} KV blocks loaded in {load_s:.1} s",
         config.name,
         opts.large_tp,
         spec.tp_rank,
         shard.weight_bytes() as f64 / 1e9,
         kv_blocks,
-        started.elapsed().as_secs_f64()
     );
     Ok(LargeShard {
         shard,
         config: config.clone(),
         spec: spec.clone(),
         blocks_per_seq,
+        load_s,
     })
 }
 

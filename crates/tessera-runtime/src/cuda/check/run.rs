@@ -61,7 +61,7 @@ pub fn run(opts: &CheckOptions) -> Report {
             kernel_cache: KernelCache::from_env(),
         })?;
         let info = gpu.device();
-        r.device = Some(info.to_string());
+        r.device = Some(format!("{info}{}", device_facts(&gpu)));
         info!(
             "{info}: {:.1} GiB free",
             info.free_memory_bytes as f64 / (1u64 << 30) as f64
@@ -138,6 +138,11 @@ pub fn run(opts: &CheckOptions) -> Report {
             ));
             match load_large(&gpu, config, spec, opts) {
                 Ok(mut shard) => {
+                    r.notes.push(format!(
+                        "the shard's synthetic bf16 weights were generated on the host and \
+                         uploaded in {:.1} s",
+                        shard.load_s
+                    ));
                     r.timings
                         .extend(time_steps(&gpu, &mut shard, opts, ceilings.as_ref()));
                     Ok(())
@@ -155,6 +160,24 @@ pub fn run(opts: &CheckOptions) -> Report {
     }
     report.total_s = started.elapsed().as_secs_f64();
     report
+}
+
+/// Multiprocessors, L2 and NVRTC's version, as `, 132 SMs, 60 MiB L2, NVRTC 13.0`; a
+/// fact the driver does not give is left out.
+fn device_facts(gpu: &CudaBackend) -> String {
+    use cudarc::driver::sys::CUdevice_attribute as A;
+    let ctx = gpu.stream().context();
+    let mut facts = String::new();
+    if let Ok(n) = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT) {
+        facts.push_str(&format!(", {n} SMs"));
+    }
+    if let Ok(b) = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE) {
+        facts.push_str(&format!(", {} MiB L2", b >> 20));
+    }
+    if let Ok((major, minor)) = crate::cuda::compile::nvrtc_version() {
+        facts.push_str(&format!(", NVRTC {major}.{minor}"));
+    }
+    facts
 }
 
 fn note_sampling(report: &mut Report) {
