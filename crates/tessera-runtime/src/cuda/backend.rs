@@ -28,7 +28,7 @@ use super::kernels::{launch_config, Kernels};
 use super::probe::{self, DeviceInfo, Library};
 use super::sources::{self, KernelDtype};
 use crate::backend::{Backend, KvSpec, SeqSpan};
-use crate::collective::Collective;
+use crate::collective::{Collective, NcclDtype};
 use crate::dtype::WeightDtype;
 use crate::error::{Result, RuntimeError};
 
@@ -914,12 +914,28 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    /// Host-staged: the tensor goes to the host as f32, through the collective, and back.
-    /// The seam for NCCL: a device collective will take the device buffer here instead.
+    /// On an NCCL group, summed on the device, enqueued on this backend's stream after the
+    /// work that wrote `x`; on any other collective, host-staged: the tensor goes to the
+    /// host as f32, through the collective, and back.
     fn all_reduce_sum(&self, comm: &mut dyn Collective, x: &mut CudaTensor) -> Result<()> {
         // The sum over one rank is the tensor itself: no copy, no wait for the stream.
         if comm.world_size() == 1 {
             return Ok(());
+        }
+        if let Some(nccl) = comm.nccl() {
+            let dtype = match self.dtype() {
+                KernelDtype::Bf16 => NcclDtype::Bf16,
+                KernelDtype::F16 => NcclDtype::F16,
+            };
+            let count = x.rows * x.cols;
+            let stream = self.stream();
+            let (ptr, _written) = x.data.device_ptr_mut(stream);
+            // SAFETY: `x.data` holds at least `count` elements of the backend's 16-bit
+            // dtype on this device; cudarc made `stream` wait for earlier work on it, and
+            // `_written` records the all-reduce as a write of `x.data` when dropped after
+            // the call, so the buffer is neither freed nor touched by unordered work
+            // before the sum has run.
+            return unsafe { nccl.all_reduce_sum_raw(ptr, count, dtype, stream) };
         }
         let mut host = self.stage_out(x)?;
         comm.all_reduce_sum(&mut host)?;
