@@ -74,7 +74,7 @@ pub enum Transport {
     /// TCP between the collective listeners.
     Tcp(Peers),
     /// NCCL between the GPUs.
-    Nccl(NcclPeers),
+    Nccl(Box<NcclPeers>),
 }
 
 /// Where this worker's TCP peers are, resolved.
@@ -117,11 +117,11 @@ pub struct NcclPeers {
     pub io_timeout: Duration,
 }
 
-/// The CUDA device a worker on `device` runs on, if it runs on one. (A CUDA variant of
-/// [`Device`] answers its ordinal here.)
+/// The CUDA device a worker on `device` runs on, if it runs on one.
 fn cuda_device(device: &Device) -> Option<usize> {
     match device {
         Device::Cpu { .. } | Device::Sim(_) => None,
+        Device::Cuda(gpu) => Some(gpu.ordinal),
     }
 }
 
@@ -139,6 +139,7 @@ pub fn nccl_device(device: &Device) -> Result<usize, WorkerError> {
         let backend = match device {
             Device::Cpu { .. } => "cpu",
             Device::Sim(_) => "sim",
+            Device::Cuda(_) => "cuda",
         };
         return Err(WorkerError::NcclUnavailable(format!(
             "this worker runs the {backend} backend; NCCL needs a worker started with \
@@ -429,7 +430,11 @@ mod tests {
     #[test]
     fn a_missing_libnccl_is_a_precondition_that_says_what_to_install() {
         match require_nccl_library() {
-            Ok(()) => assert!(tessera_runtime::cuda::COMPILED),
+            Ok(()) => {
+                if !tessera_runtime::cuda::COMPILED {
+                    panic!("libnccl opened by a build without CUDA");
+                }
+            }
             Err(e) => {
                 assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
                 let text = e.to_string();

@@ -739,7 +739,9 @@ async fn validate_open(
             }
             validate_peers(req, assigned).await.map(Transport::Tcp)
         }
-        pb::CollectiveTransport::Nccl => validate_nccl(req, assigned, device).map(Transport::Nccl),
+        pb::CollectiveTransport::Nccl => {
+            validate_nccl(req, assigned, device).map(|peers| Transport::Nccl(Box::new(peers)))
+        }
     }
 }
 
