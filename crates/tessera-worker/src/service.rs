@@ -237,7 +237,8 @@ impl WorkerService {
         // A step may be blocked on a peer that hangs; breaking the connections ends it,
         // so joining the shard thread waits only for steps that can finish.
         if let Some(abort) = m.abort.take() {
-            abort.abort();
+            // Aborting an NCCL communicator blocks while NCCL tears it down.
+            let _ = tokio::task::spawn_blocking(move || abort.abort()).await;
         }
         let loaded = match old {
             State::Ready(r) => Some(Kept {
@@ -740,7 +741,7 @@ async fn validate_open(
             validate_peers(req, assigned).await.map(Transport::Tcp)
         }
         pb::CollectiveTransport::Nccl => {
-            validate_nccl(req, assigned, device).map(|peers| Transport::Nccl(Box::new(peers)))
+            validate_nccl(req, assigned, device).map(|p| Transport::Nccl(Box::new(p)))
         }
     }
 }

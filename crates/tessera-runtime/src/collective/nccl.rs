@@ -1208,6 +1208,13 @@ mod tests {
         assert_eq!(NcclDtype::F16.raw(), 6);
     }
 
+    /// The seam the CUDA backend uses answers only for an NCCL group.
+    #[test]
+    fn other_collectives_have_no_nccl_communicator() {
+        let mut group = crate::collective::local_group(1);
+        assert!(group[0].nccl().is_none());
+    }
+
     /// Where libnccl is present, ids are 128 bytes and two are never the same.
     #[test]
     fn ids_are_unique_where_nccl_is_present() {
