@@ -47,9 +47,11 @@ pub trait Collective: Send {
     /// `&mut dyn Collective`, and the CUDA backend: where it is `Some`, the backend
     /// reduces, sends and receives its device tensors in place through
     /// [`NcclComm::all_reduce_sum_in_place`], [`NcclComm::send_device`] and
-    /// [`NcclComm::recv_device`], on its compute stream, with no host copy; where it is
-    /// `None` (a TCP group, in a cluster that also has CPU workers) it downloads, calls
-    /// the host methods above, and uploads.
+    /// [`NcclComm::recv_device`], on its compute stream, with no host copy, and waits for
+    /// that stream on the host with [`NcclComm::synchronize`] (which fails once the group
+    /// is aborted, where a plain stream synchronize would return over cut-short kernels);
+    /// where it is `None` (a TCP group, in a cluster that also has CPU workers) it
+    /// downloads, calls the host methods above, and uploads.
     #[cfg(feature = "cuda")]
     fn nccl(&mut self) -> Option<&mut NcclComm> {
         None

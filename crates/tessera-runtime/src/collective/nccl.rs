@@ -525,14 +525,17 @@ impl Shared {
         let deadline = Instant::now() + timeout;
         let mut polls = 0;
         loop {
-            match done.try_is_complete() {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(e) => return Err(self.fail(api, driver("the stream failed", e))),
-            }
+            let complete = done
+                .try_is_complete()
+                .map_err(|e| self.fail(api, driver("the stream failed", e)))?;
+            // Checked after the stream: an abort also lets the stream run on, over
+            // kernels it cut short, and that must not pass for a finished operation.
             match self.async_state(api)? {
                 SUCCESS | IN_PROGRESS => {}
                 error => return Err(self.fail(api, describe(error))),
+            }
+            if complete {
+                return Ok(());
             }
             if Instant::now() >= deadline {
                 let why = format!("timed out after {timeout:?} waiting for the group's peers");
@@ -764,10 +767,11 @@ impl NcclComm {
     }
 
     /// Waits on the host until everything queued on `stream` so far has run. Use it
-    /// where the stream carries this group's operations instead of a plain
-    /// `synchronize`, which waits forever behind a kernel whose peer is dead: this one
-    /// fails on an NCCL error, an abort, or after the group's I/O timeout (aborting the
-    /// group).
+    /// instead of a plain `synchronize` wherever the stream carries this group's
+    /// operations: a plain one waits forever behind a kernel whose peer is dead, and once
+    /// an abort has ended such kernels it returns as if they had finished, leaving
+    /// whatever they had written. This one fails on an NCCL error, after an abort, or
+    /// after the group's I/O timeout (aborting the group).
     pub fn synchronize(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
         self.request("synchronize", |reply| Job::Wait {
             stream: stream.clone(),
@@ -1229,5 +1233,138 @@ mod tests {
             // A machine with libnccl but no usable network or driver: an error, not a panic.
             (Err(e), _) | (_, Err(e)) => println!("no id here: {e}"),
         }
+    }
+
+    /// Contexts of the first `n` GPUs, or `None` (saying why) where this machine cannot
+    /// run an NCCL group of `n` GPUs in one process.
+    fn gpus(n: usize) -> Option<Vec<Arc<CudaContext>>> {
+        use crate::cuda::probe::{open_device, Library};
+        if !Library::Driver.is_present() || !library_present() {
+            println!("skipped: needs the CUDA driver and libnccl");
+            return None;
+        }
+        match CudaContext::device_count() {
+            Ok(count) if count as usize >= n => {}
+            _ => {
+                println!("skipped: needs {n} GPUs");
+                return None;
+            }
+        }
+        (0..n)
+            .map(|i| open_device(i).map(|(ctx, _)| ctx))
+            .collect::<Result<Vec<_>>>()
+            .map_err(|e| println!("skipped: {e}"))
+            .ok()
+    }
+
+    fn join_group(ctx: &Arc<CudaContext>, rank: usize, id: NcclId) -> NcclComm {
+        let spec = NcclGroupSpec {
+            rank,
+            world_size: 2,
+            id,
+            timeout: Duration::from_secs(60),
+            io_timeout: Duration::from_secs(60),
+        };
+        NcclComm::connect(ctx.clone(), &spec).unwrap()
+    }
+
+    /// Two GPUs as the two ranks of a group (skipped with fewer): sums of f32 and bf16
+    /// device buffers on the caller's stream, the host methods, a device send and
+    /// receive, a barrier.
+    #[test]
+    fn two_gpus_reduce_and_exchange() {
+        let Some(ctxs) = gpus(2) else { return };
+        let id = new_unique_id().unwrap();
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = ctxs
+                .iter()
+                .enumerate()
+                .map(|(rank, ctx)| {
+                    s.spawn(move || {
+                        let mut comm = join_group(ctx, rank, id);
+                        let stream = ctx.new_stream().unwrap();
+                        let mut buf = stream.clone_htod(&vec![(rank + 1) as f32; 1000]).unwrap();
+                        // Work queued before the reduce produces its input.
+                        stream.memset_zeros(&mut buf).unwrap();
+                        stream
+                            .memcpy_htod(&vec![(rank + 1) as f32 * 2.0; 1000], &mut buf)
+                            .unwrap();
+                        comm.all_reduce_sum_in_place(&mut buf, &stream).unwrap();
+                        let mut halves = stream
+                            .clone_htod(&vec![half::bf16::from_f32(1.5); 64])
+                            .unwrap();
+                        comm.all_reduce_sum_in_place(&mut halves, &stream).unwrap();
+                        comm.synchronize(&stream).unwrap();
+                        let sums = stream.clone_dtoh(&buf).unwrap();
+                        let halves = stream.clone_dtoh(&halves).unwrap();
+                        let mut host = vec![rank as f32 + 0.5; 7];
+                        comm.all_reduce_sum(&mut host).unwrap();
+                        let gathered = comm.all_gather(&[rank as f32; 3]).unwrap();
+                        let received = if rank == 0 {
+                            let src = stream.clone_htod(&[1.0f32, 2.0, 3.0]).unwrap();
+                            comm.send_device(1, &src, &stream).unwrap();
+                            comm.synchronize(&stream).unwrap();
+                            Vec::new()
+                        } else {
+                            let mut dst = stream.alloc_zeros::<f32>(3).unwrap();
+                            comm.recv_device(0, &mut dst, &stream).unwrap();
+                            comm.synchronize(&stream).unwrap();
+                            stream.clone_dtoh(&dst).unwrap()
+                        };
+                        comm.barrier().unwrap();
+                        (sums, halves, host, gathered, received)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (rank, (sums, halves, host, gathered, received)) in results.into_iter().enumerate() {
+            assert!(
+                sums.iter().all(|&v| v == 6.0),
+                "rank {rank}: {:?}",
+                &sums[..4]
+            );
+            assert!(halves.iter().all(|v| v.to_f32() == 3.0), "rank {rank}");
+            assert_eq!(host, vec![2.0; 7], "rank {rank}");
+            assert_eq!(gathered, [0.0, 0.0, 0.0, 1.0, 1.0, 1.0], "rank {rank}");
+            if rank == 1 {
+                assert_eq!(received, [1.0, 2.0, 3.0]);
+            }
+        }
+    }
+
+    /// A rank whose peer never joins the all-reduce waits until the abort handle ends it,
+    /// from another thread, and every later operation fails (skipped with fewer than two
+    /// GPUs).
+    #[test]
+    fn two_gpus_an_abort_ends_a_wait_on_a_silent_peer() {
+        let Some(ctxs) = gpus(2) else { return };
+        let id = new_unique_id().unwrap();
+        let (mut waiting, silent) = std::thread::scope(|s| {
+            let a = s.spawn(|| join_group(&ctxs[0], 0, id));
+            let b = s.spawn(|| join_group(&ctxs[1], 1, id));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        let abort = waiting.abort_handle();
+        let stream = ctxs[0].new_stream().unwrap();
+        let started = Instant::now();
+        let blocked = std::thread::spawn(move || {
+            let mut buf = stream.clone_htod(&vec![1.0f32; 1 << 20]).unwrap();
+            waiting.all_reduce_sum_in_place(&mut buf, &stream).unwrap();
+            let first = waiting.synchronize(&stream).unwrap_err().to_string();
+            let later = waiting.all_reduce_sum(&mut [1.0]).unwrap_err().to_string();
+            (first, later)
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        abort.abort();
+        let (first, later) = blocked.join().unwrap();
+        assert!(first.contains("aborted"), "{first}");
+        assert!(later.contains("broke earlier"), "{later}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            started.elapsed()
+        );
+        drop(silent);
     }
 }
