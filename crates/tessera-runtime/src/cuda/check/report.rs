@@ -302,7 +302,7 @@ fn first_line(s: &str) -> &str {
 
 fn sci(v: Option<f64>) -> String {
     match v {
-        Some(v) if v == 0.0 => "0".to_string(),
+        Some(0.0) => "0".to_string(),
         Some(v) if v.is_finite() => format!("{v:.2e}"),
         Some(v) => v.to_string(),
         None => "-".to_string(),
