@@ -359,3 +359,39 @@ fn kernels_compile_for_sm80_and_sm90_or_say_what_is_missing() {
     }
     fails_with(&["kernels", "--arch", "compute_80"], &["compute_80"]);
 }
+
+/// `serve --backend cuda` refuses what cuda workers would refuse, before anything starts.
+#[test]
+fn serve_checks_the_cuda_flags_before_starting() {
+    if !tessera_runtime::cuda::COMPILED {
+        fails_with(
+            &["serve", "--backend", "cuda"],
+            &["built without CUDA support", "--features cuda"],
+        );
+        return;
+    }
+    fails_with(
+        &["serve", "--backend", "cuda", "--dtype", "f32"],
+        &["--dtype f32", "bf16"],
+    );
+    fails_with(
+        &["serve", "--backend", "cuda", "--tp", "2", "--devices", "0"],
+        &["--devices", "1 GPU(s) for 2 workers"],
+    );
+    fails_with(
+        &[
+            "serve",
+            "--backend",
+            "cuda",
+            "--tp",
+            "2",
+            "--devices",
+            "1,1",
+        ],
+        &["GPU 1 twice"],
+    );
+    fails_with(
+        &["serve", "--backend", "cpu", "--devices", "0,1"],
+        &["--devices", "--backend cuda"],
+    );
+}

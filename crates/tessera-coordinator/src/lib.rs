@@ -3,12 +3,13 @@
 //!
 //! [`Coordinator::start`] opens the gRPC listener (public API, health, reflection and
 //! worker registration, which moves to a listener of its own under mutual TLS), waits for
-//! `tp × pp` workers, brings them up (assign, collectives, load, warm-up) and then serves
-//! until stopped or until a worker fails.
+//! `tp × pp` workers, brings them up (assign, collectives over TCP or NCCL, load, warm-up)
+//! and then serves until stopped or until a worker fails.
 
 pub mod api;
 pub mod auth;
 pub mod blocks;
+pub mod collectives;
 pub mod config;
 pub mod detok;
 pub mod error;

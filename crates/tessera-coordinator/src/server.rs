@@ -39,6 +39,7 @@ const RETRY_PAUSE: Duration = Duration::from_secs(1);
 use crate::api::GenerationService;
 use crate::auth::{ApiKeys, GrpcAuth};
 use crate::blocks::BlockManager;
+use crate::collectives::{choose_transport, nccl_id_counts, relay_nccl_ids, Transport};
 use crate::config::{defaults, CoordinatorConfig, ModelSource};
 use crate::error::StartError;
 use crate::membership::{Membership, Registered};
@@ -667,33 +668,58 @@ impl BringUp {
             .await
             .map_err(StartError::BringUp)?;
 
+        let transport = choose_transport(workers.workers.iter().map(|w| w.backend.as_str()));
+        let nccl_ids = match transport {
+            Transport::Tcp => None,
+            Transport::Nccl => {
+                self.starting("making NCCL ids".into());
+                Some(self.nccl_ids(workers).await?)
+            }
+        };
         self.starting("opening collectives".into());
+        info!(?transport, "opening collectives");
         let token: [u8; 16] = rand::random();
         let at = |i: usize, port: u32| {
             SocketAddr::new(workers.workers[i].address.ip(), port as u16).to_string()
         };
         let timeout_ms = self.config.connect_timeout.as_millis() as u32;
+        let io_timeout_ms = defaults::COLLECTIVE_IO_TIMEOUT_MS as u32;
         workers
             .all("OpenCollectives", |mut c, w| {
-                let stage = w.spec.stage;
-                let tp_peers = (0..tp)
-                    .map(|r| pb::Endpoint {
-                        address: at(stage * tp + r, assigned[stage * tp + r].tp_port),
-                    })
-                    .collect();
-                let next = stage * tp + tp + w.spec.tp_rank;
-                let next_stage = if stage + 1 < pp {
-                    at(next, assigned[next].prev_port)
-                } else {
-                    String::new()
-                };
-                let req = pb::OpenCollectivesRequest {
-                    generation,
-                    tp_peers,
-                    next_stage,
-                    token: token.to_vec(),
-                    timeout_ms,
-                    io_timeout_ms: defaults::COLLECTIVE_IO_TIMEOUT_MS as u32,
+                let req = match &nccl_ids {
+                    // NCCL: the ids of the worker's groups; the TCP fields stay empty.
+                    Some(ids) => pb::OpenCollectivesRequest {
+                        generation,
+                        timeout_ms,
+                        io_timeout_ms,
+                        transport: transport.proto().into(),
+                        nccl: Some(ids[w.spec.worker].clone()),
+                        ..Default::default()
+                    },
+                    None => {
+                        let stage = w.spec.stage;
+                        let tp_peers = (0..tp)
+                            .map(|r| pb::Endpoint {
+                                address: at(stage * tp + r, assigned[stage * tp + r].tp_port),
+                            })
+                            .collect();
+                        let next = stage * tp + tp + w.spec.tp_rank;
+                        let next_stage = if stage + 1 < pp {
+                            at(next, assigned[next].prev_port)
+                        } else {
+                            String::new()
+                        };
+                        pb::OpenCollectivesRequest {
+                            generation,
+                            tp_peers,
+                            next_stage,
+                            token: token.to_vec(),
+                            timeout_ms,
+                            io_timeout_ms,
+                            transport: transport.proto().into(),
+                            nccl: None,
+                        }
+                    }
                 };
                 async move { c.open_collectives(req).await }
             })
@@ -739,6 +765,29 @@ impl BringUp {
             .await
             .map_err(|f| StartError::BringUp(format!("warm-up step: {}", f.message)))?;
         Ok(())
+    }
+
+    /// Asks every group's founder for its NCCL ids (`NcclIds`, see [`crate::collectives`])
+    /// and returns the ids each worker is given, in plan order.
+    async fn nccl_ids(&self, workers: &ShardedClient) -> Result<Vec<pb::NcclGroupIds>, StartError> {
+        let (tp, pp, generation) = (self.plan.tp, self.plan.pp, self.generation);
+        let counts = nccl_id_counts(tp, pp);
+        let founders: Vec<usize> = (0..counts.len()).filter(|&i| counts[i] > 0).collect();
+        let answers = workers
+            .only("NcclIds", &founders, |mut c, w| {
+                let req = pb::NcclIdsRequest {
+                    generation,
+                    count: counts[w.spec.worker],
+                };
+                async move { c.nccl_ids(req).await }
+            })
+            .await
+            .map_err(StartError::BringUp)?;
+        let mut made = vec![Vec::new(); counts.len()];
+        for (&i, answer) in founders.iter().zip(answers) {
+            made[i] = answer.ids;
+        }
+        relay_nccl_ids(tp, pp, &made).map_err(|e| StartError::BringUp(format!("NcclIds: {e}")))
     }
 
     fn model_info(&self, workers: &ShardedClient) -> ModelInfoResponse {

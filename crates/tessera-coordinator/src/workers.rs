@@ -168,10 +168,27 @@ impl ShardedClient {
         F: Fn(RawClient<Channel>, &WorkerClient) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        let calls = self.workers.iter().map(|w| f(w.raw(), w));
+        let every: Vec<usize> = (0..self.workers.len()).collect();
+        self.only(what, &every, f).await
+    }
+
+    /// Calls `f` on the workers at `indices` at once; returns their answers in that
+    /// order, or an error naming the first worker that failed.
+    pub async fn only<T, F, Fut>(
+        &self,
+        what: &str,
+        indices: &[usize],
+        f: F,
+    ) -> Result<Vec<T>, String>
+    where
+        F: Fn(RawClient<Channel>, &WorkerClient) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let chosen: Vec<&WorkerClient> = indices.iter().map(|&i| &self.workers[i]).collect();
+        let calls = chosen.iter().map(|w| f(w.raw(), w));
         let results = join_all(calls).await;
         let mut out = Vec::with_capacity(results.len());
-        for (w, r) in self.workers.iter().zip(results) {
+        for (w, r) in chosen.iter().zip(results) {
             match r {
                 Ok(r) => out.push(r.into_inner()),
                 Err(s) => return Err(format!("{what} on {}: {}", w.name(), describe(&s))),

@@ -38,6 +38,11 @@ pub enum WorkerError {
     /// The assignment needs more memory than this machine has.
     #[error("{0}")]
     OutOfMemory(String),
+    /// The coordinator asked for NCCL and this worker cannot use it: the build has no
+    /// CUDA, the worker runs another backend, or libnccl is missing. The message says
+    /// which and what to do.
+    #[error("NCCL is not available on this worker: {0}")]
+    NcclUnavailable(String),
     /// Loading the model or running a step failed in the runtime.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
@@ -134,7 +139,8 @@ impl WorkerError {
             | WorkerError::StaleGeneration { .. }
             | WorkerError::WrongState { .. }
             | WorkerError::StepOutOfOrder { .. }
-            | WorkerError::ConfigMismatch { .. } => Code::FailedPrecondition,
+            | WorkerError::ConfigMismatch { .. }
+            | WorkerError::NcclUnavailable(_) => Code::FailedPrecondition,
             WorkerError::OutOfMemory(_) => Code::ResourceExhausted,
             WorkerError::Runtime(e) => runtime_code(e),
             WorkerError::Model(e) => model_code(e),

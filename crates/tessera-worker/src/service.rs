@@ -27,12 +27,12 @@ use std::time::{Duration, Instant};
 use tessera_model::{ModelConfig, ShardPlan};
 use tessera_proto::worker::v1 as pb;
 use tessera_proto::worker::v1::model_spec::Weights;
-use tessera_runtime::{KvSpec, ShardComms, ShardOptions, WeightDtype};
+use tessera_runtime::{KvSpec, NcclId, ShardComms, ShardOptions, WeightDtype};
 use tokio::sync::{watch, Mutex};
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument, warn};
 
-use crate::collectives::{self, Abort, Listeners, Peers};
+use crate::collectives::{self, Abort, Listeners, NcclPeers, Peers, Transport};
 use crate::convert;
 use crate::error::WorkerError;
 use crate::memory;
@@ -40,6 +40,9 @@ use crate::shard_thread::{Device, LoadSpec, ShardThread, WeightsSpec};
 
 /// Most tokens a KV block may hold; far above any useful block.
 const MAX_BLOCK_TOKENS: u32 = 1 << 16;
+/// Most NCCL ids one `NcclIds` makes: a worker founds its TP group and its link to the
+/// next stage, no more.
+const MAX_NCCL_IDS: u32 = 2;
 /// How long a call that arrives before this worker's `Register` has returned waits for
 /// it (the coordinator may call as soon as it has answered).
 const REGISTRATION_WAIT: Duration = Duration::from_secs(5);
@@ -344,7 +347,7 @@ impl WorkerService {
                 _ => return Err(m.wrong_state("OpenCollectives")),
             }
         };
-        let peers = validate_peers(&req, &assigned).await?;
+        let transport = validate_open(&req, &assigned, &self.inner.device).await?;
         let (assignment, listeners) = {
             let mut m = self.inner.machine.lock().await;
             if m.epoch != epoch {
@@ -363,7 +366,7 @@ impl WorkerService {
         };
         let started = Instant::now();
         let connected =
-            tokio::task::spawn_blocking(move || collectives::connect(listeners, &peers))
+            tokio::task::spawn_blocking(move || collectives::connect(listeners, &transport))
                 .await
                 .unwrap_or_else(|e| {
                     Err(WorkerError::ShardFailed(format!(
@@ -392,6 +395,42 @@ impl WorkerService {
                 Err(e)
             }
         }
+    }
+
+    /// Makes the NCCL ids of the groups this assigned worker founds.
+    async fn make_nccl_ids(
+        &self,
+        req: pb::NcclIdsRequest,
+    ) -> Result<pb::NcclIdsResponse, WorkerError> {
+        {
+            let m = self.inner.machine.lock().await;
+            if !matches!(m.state, State::Assigned(..)) {
+                return Err(m.wrong_state("NcclIds"));
+            }
+        }
+        if req.count == 0 || req.count > MAX_NCCL_IDS {
+            return Err(WorkerError::invalid(
+                "count",
+                format!(
+                    "{} ids; a worker founds 1 or {MAX_NCCL_IDS} groups (its TP group, its \
+                     link to the next stage)",
+                    req.count
+                ),
+            ));
+        }
+        let device = self.inner.device.clone();
+        let count = req.count as usize;
+        let ids = tokio::task::spawn_blocking(move || collectives::make_nccl_ids(&device, count))
+            .await
+            .unwrap_or_else(|e| {
+                Err(WorkerError::ShardFailed(format!(
+                    "making NCCL ids panicked: {e}"
+                )))
+            })?;
+        info!(count, "NCCL ids made");
+        Ok(pb::NcclIdsResponse {
+            ids: ids.iter().map(|id| id.as_bytes().to_vec()).collect(),
+        })
     }
 
     async fn load_shard(&self) -> Result<pb::LoadResponse, WorkerError> {
@@ -679,7 +718,99 @@ fn validate_assignment(
     })
 }
 
-/// Checks an `OpenCollectives` request against the assignment and resolves its addresses.
+/// Checks an `OpenCollectives` request against the assignment and this worker, and
+/// resolves its addresses. A malformed request is INVALID_ARGUMENT, naming the field; NCCL
+/// asked of a worker that cannot use it is FAILED_PRECONDITION, saying why.
+async fn validate_open(
+    req: &pb::OpenCollectivesRequest,
+    assigned: &Assignment,
+    device: &Device,
+) -> Result<Transport, WorkerError> {
+    let transport = pb::CollectiveTransport::try_from(req.transport).map_err(|_| {
+        WorkerError::invalid("transport", format!("{} is not a transport", req.transport))
+    })?;
+    match transport {
+        pb::CollectiveTransport::Unspecified | pb::CollectiveTransport::Tcp => {
+            if req.nccl.is_some() {
+                return Err(WorkerError::invalid(
+                    "nccl",
+                    "set with transport TCP, which does not use it",
+                ));
+            }
+            validate_peers(req, assigned).await.map(Transport::Tcp)
+        }
+        pb::CollectiveTransport::Nccl => {
+            validate_nccl(req, assigned, device).map(|peers| Transport::Nccl(Box::new(peers)))
+        }
+    }
+}
+
+/// Checks the NCCL part of an `OpenCollectives` request: the TCP fields empty, an id of
+/// 128 bytes for each group this worker belongs to and none for another; then that this
+/// worker can use NCCL.
+fn validate_nccl(
+    req: &pb::OpenCollectivesRequest,
+    assigned: &Assignment,
+    device: &Device,
+) -> Result<NcclPeers, WorkerError> {
+    let (tp, pp, stage) = (assigned.load.tp, assigned.load.pp, assigned.load.spec.stage);
+    for (field, set) in [
+        ("tp_peers", !req.tp_peers.is_empty()),
+        ("next_stage", !req.next_stage.is_empty()),
+        ("token", !req.token.is_empty()),
+    ] {
+        if set {
+            return Err(WorkerError::invalid(
+                field,
+                "set with transport NCCL, which does not use it",
+            ));
+        }
+    }
+    if req.timeout_ms == 0 {
+        return Err(WorkerError::invalid("timeout_ms", "must be at least 1"));
+    }
+    if req.io_timeout_ms == 0 {
+        return Err(WorkerError::invalid("io_timeout_ms", "must be at least 1"));
+    }
+    let ids = req
+        .nccl
+        .as_ref()
+        .ok_or_else(|| WorkerError::invalid("nccl", "missing with transport NCCL"))?;
+    let tp_id = NcclId::parse("nccl.tp_id", &ids.tp_id)?;
+    let link = |field: &'static str, bytes: &[u8], expected: bool, place: &str| match (
+        expected,
+        bytes.is_empty(),
+    ) {
+        (true, false) => NcclId::parse(field, bytes)
+            .map(Some)
+            .map_err(WorkerError::from),
+        (false, true) => Ok(None),
+        (true, true) => Err(WorkerError::invalid(
+            field,
+            format!("missing on stage {stage} of pp = {pp}"),
+        )),
+        (false, false) => Err(WorkerError::invalid(
+            field,
+            format!("set on the {place} stage ({stage} of pp = {pp})"),
+        )),
+    };
+    let prev_id = link("nccl.prev_id", &ids.prev_id, stage > 0, "first")?;
+    let next_id = link("nccl.next_id", &ids.next_id, stage + 1 < pp, "last")?;
+    let device = collectives::nccl_device(device)?;
+    Ok(NcclPeers {
+        device,
+        tp_rank: assigned.load.spec.tp_rank,
+        tp,
+        tp_id,
+        prev_id,
+        next_id,
+        timeout: Duration::from_millis(req.timeout_ms.into()),
+        io_timeout: Duration::from_millis(req.io_timeout_ms.into()),
+    })
+}
+
+/// Checks a TCP `OpenCollectives` request against the assignment and resolves its
+/// addresses.
 async fn validate_peers(
     req: &pb::OpenCollectivesRequest,
     assigned: &Assignment,
@@ -740,6 +871,15 @@ impl pb::worker_server::Worker for WorkerService {
     ) -> Result<Response<pb::AssignResponse>, Status> {
         let _call = self.admit(req.get_ref().generation).await?;
         Ok(Response::new(self.assign_shard(req.into_inner()).await?))
+    }
+
+    #[instrument(skip_all, fields(count = req.get_ref().count))]
+    async fn nccl_ids(
+        &self,
+        req: Request<pb::NcclIdsRequest>,
+    ) -> Result<Response<pb::NcclIdsResponse>, Status> {
+        let _call = self.admit(req.get_ref().generation).await?;
+        Ok(Response::new(self.make_nccl_ids(req.into_inner()).await?))
     }
 
     #[instrument(skip_all)]

@@ -263,6 +263,8 @@ impl TestCluster {
                     token: vec![9; 16],
                     timeout_ms: 5000,
                     io_timeout_ms: 5000,
+                    transport: pb::CollectiveTransport::Tcp.into(),
+                    nccl: None,
                 })
                 .await
             }
@@ -651,6 +653,7 @@ async fn calls_out_of_turn_or_with_bad_fields_are_refused() {
         token,
         timeout_ms: 200,
         io_timeout_ms: 200,
+        ..Default::default()
     };
     let e = c.open_collectives(open(vec![1; 15], "")).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -680,6 +683,173 @@ async fn calls_out_of_turn_or_with_bad_fields_are_refused() {
     .unwrap();
     c.assign(assign(1, 1, 0, 0)).await.unwrap();
 
+    worker.stop().await.unwrap();
+}
+
+/// NCCL asked of a CPU worker. A malformed request is INVALID_ARGUMENT naming its field
+/// (an id must be exactly 128 bytes, the TCP fields must stay empty, each link's id is
+/// present exactly where the stage has that link); a well-formed one is FAILED_PRECONDITION
+/// saying why this worker cannot use NCCL. None of it fails the worker: it stays assigned
+/// and then opens a TCP group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nccl_is_refused_by_a_cpu_worker_and_malformed_ids_are_named() {
+    let fake = FakeCoordinator::default();
+    let coordinator = fake.clone().start().await;
+    let worker = spawn_worker(options(coordinator, Duration::from_secs(10)));
+    let mut c = client(fake.ports(1).await[0]).await;
+    let ids = |count| pb::NcclIdsRequest {
+        generation: GENERATION,
+        count,
+    };
+    let why_not = if cfg!(feature = "cuda") {
+        "runs the cpu backend"
+    } else {
+        "built without CUDA support"
+    };
+
+    let e = c.nccl_ids(ids(1)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("idle"), "{}", e.message());
+
+    // The middle of three stages has a link on each side.
+    c.assign(assign(1, 3, 1, 0)).await.unwrap();
+    for count in [0, 3] {
+        let e = c.nccl_ids(ids(count)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{count}: {e:?}");
+        assert!(e.message().contains("count"), "{}", e.message());
+    }
+    let e = c.nccl_ids(ids(2)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("NCCL is not available") && e.message().contains(why_not),
+        "{}",
+        e.message()
+    );
+
+    let id = vec![5u8; 128];
+    let nccl = || pb::OpenCollectivesRequest {
+        generation: GENERATION,
+        timeout_ms: 200,
+        io_timeout_ms: 200,
+        transport: pb::CollectiveTransport::Nccl.into(),
+        nccl: Some(pb::NcclGroupIds {
+            tp_id: id.clone(),
+            prev_id: id.clone(),
+            next_id: id.clone(),
+        }),
+        ..Default::default()
+    };
+    type Spoil = fn(&mut pb::OpenCollectivesRequest);
+    let spoilt: [(&str, &str, Spoil); 10] = [
+        ("nccl.tp_id", "127 bytes", |r| {
+            r.nccl.as_mut().unwrap().tp_id.pop();
+        }),
+        ("nccl.tp_id", "0 bytes", |r| {
+            r.nccl.as_mut().unwrap().tp_id.clear()
+        }),
+        ("nccl.prev_id", "129 bytes", |r| {
+            r.nccl.as_mut().unwrap().prev_id.push(0)
+        }),
+        ("nccl.next_id", "missing on stage 1", |r| {
+            r.nccl.as_mut().unwrap().next_id.clear()
+        }),
+        ("nccl", "missing", |r| r.nccl = None),
+        ("token", "does not use it", |r| r.token = vec![1; 16]),
+        ("tp_peers", "does not use it", |r| {
+            r.tp_peers = vec![pb::Endpoint {
+                address: "127.0.0.1:9".into(),
+            }]
+        }),
+        ("next_stage", "does not use it", |r| {
+            r.next_stage = "127.0.0.1:9".into()
+        }),
+        ("transport", "9 is not a transport", |r| r.transport = 9),
+        ("timeout_ms", "at least 1", |r| r.timeout_ms = 0),
+    ];
+    for (field, why, spoil) in spoilt {
+        let mut req = nccl();
+        spoil(&mut req);
+        let e = c.open_collectives(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
+        assert!(
+            e.message().contains(field) && e.message().contains(why),
+            "{field}: {}",
+            e.message()
+        );
+    }
+    // NCCL ids on a TCP request.
+    let e = c
+        .open_collectives(pb::OpenCollectivesRequest {
+            transport: pb::CollectiveTransport::Tcp.into(),
+            ..nccl()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("nccl"), "{}", e.message());
+    // Well formed: refused for what the worker is.
+    let e = c.open_collectives(nccl()).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("NCCL is not available") && e.message().contains(why_not),
+        "{}",
+        e.message()
+    );
+    let probe = c.clone();
+    let health = || async {
+        probe
+            .clone()
+            .health(pb::HealthRequest {
+                generation: GENERATION,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    assert_eq!(health().await.state(), pb::WorkerState::Assigned);
+
+    // On the first stage a previous link's id is refused; on the last a next link's.
+    for (stage, pp, field, place) in [
+        (0, 2, "nccl.prev_id", "first stage"),
+        (1, 2, "nccl.next_id", "last stage"),
+    ] {
+        c.release(pb::ReleaseRequest {
+            generation: GENERATION,
+            keep_weights: false,
+        })
+        .await
+        .unwrap();
+        c.assign(assign(1, pp, stage, 0)).await.unwrap();
+        let e = c.open_collectives(nccl()).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
+        assert!(
+            e.message().contains(field) && e.message().contains(place),
+            "{field}: {}",
+            e.message()
+        );
+    }
+
+    // The refusals left the worker able to open its groups over TCP.
+    c.release(pb::ReleaseRequest {
+        generation: GENERATION,
+        keep_weights: false,
+    })
+    .await
+    .unwrap();
+    let r = c.assign(assign(1, 1, 0, 0)).await.unwrap().into_inner();
+    c.open_collectives(pb::OpenCollectivesRequest {
+        generation: GENERATION,
+        tp_peers: vec![pb::Endpoint {
+            address: format!("127.0.0.1:{}", r.tp_port),
+        }],
+        token: vec![3; 16],
+        timeout_ms: 5000,
+        io_timeout_ms: 5000,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(health().await.state(), pb::WorkerState::Connected);
     worker.stop().await.unwrap();
 }
 

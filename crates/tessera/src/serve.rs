@@ -65,6 +65,9 @@ pub fn config(args: &ServeArgs) -> Result<CoordinatorConfig> {
     c.tp = 2;
     match args.backend.as_str() {
         "cpu" => {}
+        "cuda" if !tessera_runtime::cuda::COMPILED => {
+            bail!("--backend cuda: {}", tessera_runtime::cuda::NOT_COMPILED)
+        }
         "cuda" => {
             // GPUs store 16 bits; f32 is refused by cuda workers.
             c.dtype = "bf16".into();
@@ -348,6 +351,15 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         bail!("--threads must be at least 1");
     }
     let per_worker = (threads / world).max(1);
+    // Each worker's own flags: its GPU under --backend cuda.
+    let own: Vec<Vec<OsString>> = if args.backend == "cuda" {
+        cuda_devices(args.devices.as_deref(), world)?
+            .into_iter()
+            .map(|d| vec!["--device".into(), d.to_string().into()])
+            .collect()
+    } else {
+        vec![Vec::new(); world]
+    };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     // Workers are spawned from this (the main) thread: the parent-death signal fires when
     // the thread that forked a child exits, and the main thread lives as long as we do.
@@ -370,14 +382,6 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         .collect(),
         "cuda" => vec!["--backend".into(), "cuda".into()],
         _ => Vec::new(),
-    };
-    let own: Vec<Vec<OsString>> = if args.backend == "cuda" {
-        cuda_devices(args.devices.as_deref(), world)?
-            .into_iter()
-            .map(|d| vec!["--device".into(), d.to_string().into()])
-            .collect()
-    } else {
-        vec![Vec::new(); world]
     };
     if let Some(files) = &config.cluster_tls {
         extra.extend(ClusterTlsArgs::to_args(files));

@@ -1067,6 +1067,9 @@ impl Server {
     /// copies the result out.
     fn host(&mut self, op: HostOp, mut data: Vec<f32>) -> std::result::Result<Vec<f32>, String> {
         let api = api()?;
+        // A broken group's stream may still hold the operation that broke it: touch
+        // nothing of it.
+        self.shared.with_comm(|_| ())?;
         let stream = self.host_stream()?;
         let s = stream.cu_stream() as *mut c_void;
         let len = data.len();

@@ -28,7 +28,7 @@ use super::kernels::{launch_config, Kernels};
 use super::probe::{self, DeviceInfo, Library};
 use super::sources::{self, KernelDtype};
 use crate::backend::{Backend, KvSpec, SeqSpan};
-use crate::collective::Collective;
+use crate::collective::{Collective, NcclDtype};
 use crate::dtype::WeightDtype;
 use crate::error::{Result, RuntimeError};
 
@@ -80,7 +80,7 @@ struct Device {
     kernels: Kernels,
     blas: CudaBlas,
     stream: Arc<CudaStream>,
-    _ctx: Arc<CudaContext>,
+    ctx: Arc<CudaContext>,
 }
 
 /// The CUDA backend: a context on one GPU, one stream, cuBLAS and the loaded kernels.
@@ -310,7 +310,7 @@ impl CudaBackend {
                 kernels,
                 blas,
                 stream,
-                _ctx: ctx,
+                ctx,
             }),
         })
     }
@@ -335,8 +335,10 @@ impl CudaBackend {
         &self.dev.stream
     }
 
+    /// `len` zeros; an empty tensor still gets one element, so that it has a valid address
+    /// (the driver refuses zero-byte allocations); `rows · cols` stays its length.
     fn alloc_zeros(&self, what: &str, len: usize) -> Result<CudaSlice<u16>> {
-        self.stream().alloc_zeros::<u16>(len).map_err(|e| {
+        self.stream().alloc_zeros::<u16>(len.max(1)).map_err(|e| {
             RuntimeError::Backend(format!(
                 "cannot allocate {what} ({:.2} MiB) on cuda:{}: {}",
                 (2 * len) as f64 / (1 << 20) as f64,
@@ -347,13 +349,16 @@ impl CudaBackend {
     }
 
     fn upload_bits(&self, what: &str, bits: &[u16]) -> Result<CudaSlice<u16>> {
+        if bits.is_empty() {
+            return self.alloc_zeros(what, 0);
+        }
         self.stream()
             .clone_htod(bits)
             .map_err(driver(&format!("upload of {what}")))
     }
 
+    /// Callers upload at least one value (each launch that takes indices has rows).
     fn upload_u32(&self, what: &str, values: &[u32]) -> Result<CudaSlice<u32>> {
-        // A zero-length upload still yields a valid (null) argument.
         self.stream()
             .clone_htod(values)
             .map_err(driver(&format!("upload of {what}")))
@@ -374,6 +379,12 @@ impl CudaBackend {
                 .map_err(driver("linear"));
         }
         let (mi, ni, ki) = (i32_of("rows", m)?, i32_of("rows", n)?, i32_of("cols", k)?);
+        // cuBLAS works in the calling thread's current context; the shard's thread may not
+        // have made any other call that set it yet.
+        self.dev
+            .ctx
+            .bind_to_thread()
+            .map_err(driver("bind the CUDA context"))?;
         let ty = match self.dev.dtype {
             KernelDtype::Bf16 => cublas::sys::cudaDataType_t::CUDA_R_16BF,
             KernelDtype::F16 => cublas::sys::cudaDataType_t::CUDA_R_16F,
@@ -419,6 +430,9 @@ impl CudaBackend {
 
     /// Copies host values back into `x` (same shape), rounding to the storage dtype.
     fn stage_in(&self, host: &[f32], x: &mut CudaTensor) -> Result<()> {
+        if host.is_empty() {
+            return Ok(());
+        }
         let bits = to_bits(self.dev.dtype, host);
         self.stream()
             .memcpy_htod(&bits, &mut x.data)
@@ -451,9 +465,13 @@ impl Backend for CudaBackend {
     }
 
     fn download(&self, t: &CudaTensor) -> Result<Vec<f32>> {
+        let n = t.rows * t.cols;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
         let bits = self
             .stream()
-            .clone_dtoh(&t.data)
+            .clone_dtoh(&t.data.slice(..n))
             .map_err(driver("download"))?;
         Ok(from_bits(self.dev.dtype, &bits))
     }
@@ -896,12 +914,28 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    /// Host-staged: the tensor goes to the host as f32, through the collective, and back.
-    /// The seam for NCCL: a device collective will take the device buffer here instead.
+    /// On an NCCL group, summed on the device, enqueued on this backend's stream after the
+    /// work that wrote `x`; on any other collective, host-staged: the tensor goes to the
+    /// host as f32, through the collective, and back.
     fn all_reduce_sum(&self, comm: &mut dyn Collective, x: &mut CudaTensor) -> Result<()> {
         // The sum over one rank is the tensor itself: no copy, no wait for the stream.
         if comm.world_size() == 1 {
             return Ok(());
+        }
+        if let Some(nccl) = comm.nccl() {
+            let dtype = match self.dtype() {
+                KernelDtype::Bf16 => NcclDtype::Bf16,
+                KernelDtype::F16 => NcclDtype::F16,
+            };
+            let count = x.rows * x.cols;
+            let stream = self.stream();
+            let (ptr, _written) = x.data.device_ptr_mut(stream);
+            // SAFETY: `x.data` holds at least `count` elements of the backend's 16-bit
+            // dtype on this device; cudarc made `stream` wait for earlier work on it, and
+            // `_written` records the all-reduce as a write of `x.data` when dropped after
+            // the call, so the buffer is neither freed nor touched by unordered work
+            // before the sum has run.
+            return unsafe { nccl.all_reduce_sum_raw(ptr, count, dtype, stream) };
         }
         let mut host = self.stage_out(x)?;
         comm.all_reduce_sum(&mut host)?;
