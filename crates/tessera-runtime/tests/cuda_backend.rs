@@ -3,8 +3,9 @@
 //! Inputs are rounded to the GPU's 16-bit dtype before both backends see them, so the only
 //! differences left are the GPU's 16-bit outputs and its order of summation. Where no GPU
 //! (or no NVRTC or cuBLAS) is found each test says why and passes, unless
-//! `TESSERA_REQUIRE_GPU` is set (`scripts/gpu-check.sh` sets it); `TESSERA_CUDA_DEVICE`
-//! picks the GPU.
+//! `TESSERA_REQUIRE_GPU` is set (set it when running them on a GPU machine);
+//! `TESSERA_CUDA_DEVICE` picks the GPU. `scripts/gpu-check.sh` needs no Rust toolchain and
+//! runs the same comparisons through `tessera gpu-check` instead.
 #![cfg(feature = "cuda")]
 
 use std::sync::Arc;
