@@ -209,6 +209,23 @@ pub fn describe(e: &cudarc::driver::DriverError) -> String {
     }
 }
 
+/// For tests that need NVRTC: whether libnvrtc can be opened. Where it cannot, the test
+/// is skipped with a printed reason, unless `TESSERA_REQUIRE_NVRTC` is set (CI sets it),
+/// which makes the absence a failure.
+#[cfg(test)]
+pub(crate) fn nvrtc_for_tests() -> bool {
+    if Library::Nvrtc.is_present() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("TESSERA_REQUIRE_NVRTC").is_none(),
+        "TESSERA_REQUIRE_NVRTC is set but libnvrtc cannot be opened; {}",
+        Library::Nvrtc.missing_help()
+    );
+    eprintln!("skipped: libnvrtc is not on the loader's path");
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
