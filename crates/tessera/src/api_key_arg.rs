@@ -19,10 +19,12 @@ pub struct ApiKeyArg {
 }
 
 impl ApiKeyArg {
-    /// Client options that send the key, if one was given.
-    pub fn client_options(&self) -> ClientOptions {
+    /// Client options that send the key, if one was given, and trust the CA of `tls`,
+    /// if one was given.
+    pub fn client_options(&self, tls: &crate::tls_args::CaCertArg) -> ClientOptions {
         ClientOptions {
             api_key: self.api_key.clone(),
+            ca_cert: tls.ca_cert.clone(),
             ..ClientOptions::default()
         }
     }

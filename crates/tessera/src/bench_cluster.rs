@@ -8,7 +8,7 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use serde::Serialize;
-use tessera_client::{Client, ClientOptions, GenerateRequest};
+use tessera_client::{Client, GenerateRequest};
 
 /// Arguments of `tessera bench cluster`.
 #[derive(Debug, Args)]
@@ -53,14 +53,8 @@ pub fn bench_cluster(args: ClusterArgs) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let mut client = Client::connect_with(
-            &args.endpoint,
-            ClientOptions {
-                ca_cert: args.tls.ca_cert.clone(),
-                ..args.api_key.client_options()
-            },
-        )
-        .await?;
+        let mut client =
+            Client::connect_with(&args.endpoint, args.api_key.client_options(&args.tls)).await?;
         let info = client.model_info().await?;
         let prompt: Vec<u32> = (0..args.prompt_tokens as u32)
             .map(|i| (i * 7919 + 13) % info.vocab_size)

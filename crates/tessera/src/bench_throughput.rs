@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
-use tessera_client::{Client, ClientOptions, GenerateRequest};
+use tessera_client::{Client, GenerateRequest};
 
 /// Arguments of `tessera bench throughput`.
 #[derive(Debug, Args)]
@@ -94,14 +94,8 @@ pub fn bench_throughput(args: ThroughputArgs) -> Result<()> {
     }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        let mut client = Client::connect_with(
-            &args.endpoint,
-            ClientOptions {
-                ca_cert: args.tls.ca_cert.clone(),
-                ..args.api_key.client_options()
-            },
-        )
-        .await?;
+        let mut client =
+            Client::connect_with(&args.endpoint, args.api_key.client_options(&args.tls)).await?;
         let info = client.model_info().await?;
         let vocab = info.vocab_size;
         let request = |client: usize, k: usize| GenerateRequest {

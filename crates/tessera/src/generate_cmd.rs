@@ -154,8 +154,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
 async fn generate_async(args: GenerateArgs) -> Result<()> {
     let options = ClientOptions {
         call_timeout: args.timeout,
-        ca_cert: args.tls.ca_cert.clone(),
-        ..args.api_key.client_options()
+        ..args.api_key.client_options(&args.tls)
     };
     let mut client = Client::connect_with(&args.endpoint, options).await?;
     let request = args.request();
