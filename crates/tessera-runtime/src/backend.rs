@@ -147,3 +147,26 @@ pub trait Backend: Send + Sync + 'static {
     /// Receives `x` (already shaped) from `peer` of `comm`.
     fn recv(&self, comm: &mut dyn Collective, peer: usize, x: &mut Self::Tensor) -> Result<()>;
 }
+
+/// Fails unless two tensor shapes are equal; `what` names the operation.
+pub(crate) fn check_same(what: &'static str, a: (usize, usize), b: (usize, usize)) -> Result<()> {
+    if a == b {
+        Ok(())
+    } else {
+        Err(crate::error::RuntimeError::Backend(format!(
+            "{what}: shape {a:?} does not match {b:?}"
+        )))
+    }
+}
+
+/// Fails unless `len` values fill a `[rows, cols]` tensor; `what` names the operation
+/// (`upload`, `matrix`).
+pub(crate) fn check_len(what: &'static str, len: usize, rows: usize, cols: usize) -> Result<()> {
+    if len == rows * cols {
+        Ok(())
+    } else {
+        Err(crate::error::RuntimeError::Backend(format!(
+            "{what} of {len} values as [{rows}, {cols}]"
+        )))
+    }
+}

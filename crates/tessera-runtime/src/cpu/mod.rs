@@ -6,7 +6,7 @@ mod ops;
 
 use std::sync::Arc;
 
-use crate::backend::{Backend, KvSpec, SeqSpan};
+use crate::backend::{check_len, check_same, Backend, KvSpec, SeqSpan};
 use crate::collective::Collective;
 use crate::dtype::WeightDtype;
 use crate::error::{Result, RuntimeError};
@@ -77,16 +77,6 @@ impl CpuBackend {
     }
 }
 
-fn check_same(what: &'static str, a: (usize, usize), b: (usize, usize)) -> Result<()> {
-    if a == b {
-        Ok(())
-    } else {
-        Err(RuntimeError::Backend(format!(
-            "{what}: shape {a:?} does not match {b:?}"
-        )))
-    }
-}
-
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Matrix = Matrix;
@@ -101,12 +91,7 @@ impl Backend for CpuBackend {
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CpuTensor> {
-        if data.len() != rows * cols {
-            return Err(RuntimeError::Backend(format!(
-                "upload of {} values as [{rows}, {cols}]",
-                data.len()
-            )));
-        }
+        check_len("upload", data.len(), rows, cols)?;
         Ok(CpuTensor {
             rows,
             cols,
@@ -137,12 +122,7 @@ impl Backend for CpuBackend {
         data: Vec<f32>,
         dtype: WeightDtype,
     ) -> Result<Matrix> {
-        if data.len() != rows * cols {
-            return Err(RuntimeError::Backend(format!(
-                "matrix of {} values as [{rows}, {cols}]",
-                data.len()
-            )));
-        }
+        check_len("matrix", data.len(), rows, cols)?;
         if dtype == WeightDtype::F16 {
             return Err(RuntimeError::Backend(
                 "the cpu backend stores weights as f32 or bf16; f16 needs --backend cuda".into(),

@@ -27,7 +27,7 @@ use super::compile::KernelCache;
 use super::kernels::{launch_config, Kernels};
 use super::probe::{self, DeviceInfo, Library};
 use super::sources::{self, KernelDtype};
-use crate::backend::{Backend, KvSpec, SeqSpan};
+use crate::backend::{check_len, check_same, Backend, KvSpec, SeqSpan};
 use crate::collective::{Collective, NcclDtype};
 use crate::dtype::WeightDtype;
 use crate::error::{Result, RuntimeError};
@@ -130,16 +130,6 @@ fn u32_of(what: &'static str, n: usize) -> Result<u32> {
 fn i32_of(what: &'static str, n: usize) -> Result<i32> {
     i32::try_from(n)
         .map_err(|_| RuntimeError::invalid(what, format!("{n} is past cuBLAS's 32-bit sizes")))
-}
-
-fn check_same(what: &'static str, a: (usize, usize), b: (usize, usize)) -> Result<()> {
-    if a == b {
-        Ok(())
-    } else {
-        Err(RuntimeError::Backend(format!(
-            "{what}: shape {a:?} does not match {b:?}"
-        )))
-    }
 }
 
 /// Host f32 values as 16-bit storage, rounded to nearest even.
@@ -450,12 +440,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
-        if data.len() != rows * cols {
-            return Err(RuntimeError::Backend(format!(
-                "upload of {} values as [{rows}, {cols}]",
-                data.len()
-            )));
-        }
+        check_len("upload", data.len(), rows, cols)?;
         let bits = to_bits(self.dev.dtype, data);
         Ok(CudaTensor {
             rows,
@@ -495,12 +480,7 @@ impl Backend for CudaBackend {
         data: Vec<f32>,
         dtype: WeightDtype,
     ) -> Result<CudaMatrix> {
-        if data.len() != rows * cols {
-            return Err(RuntimeError::Backend(format!(
-                "matrix of {} values as [{rows}, {cols}]",
-                data.len()
-            )));
-        }
+        check_len("matrix", data.len(), rows, cols)?;
         if kernel_dtype(dtype)? != self.dev.dtype {
             return Err(RuntimeError::invalid(
                 "dtype",
