@@ -9,6 +9,7 @@ use std::ops::Range;
 use crate::collective::Collective;
 use crate::dtype::WeightDtype;
 use crate::error::Result;
+use crate::sampling::{self, RecordAsk, RowSpec};
 
 /// Shape of one worker's paged KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +141,28 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<()>;
     /// A new tensor made of the given rows of `x`.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
+    /// Appends this rank's sampling record of each asked row, in the order asked, exactly
+    /// as [`sampling::local_record`] writes it: row `ask.row` of `logits` (this rank's
+    /// vocabulary slice, whose first column is token `first_id`) sampled as
+    /// `rows[ask.row]` says. The default downloads the logits and builds the records on
+    /// the host; a device backend builds them where the logits are and copies back only
+    /// the records (a few floats per row instead of the slice).
+    fn sample_records(
+        &self,
+        logits: &Self::Tensor,
+        rows: &[RowSpec],
+        asks: &[RecordAsk],
+        first_id: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        check_same(
+            "sample_records",
+            self.shape(logits),
+            (rows.len(), self.shape(logits).1),
+        )?;
+        sampling::host_records(&self.download(logits)?, rows, asks, first_id, out)
+    }
+
     /// Sums `x` over the group, in place.
     fn all_reduce_sum(&self, comm: &mut dyn Collective, x: &mut Self::Tensor) -> Result<()>;
     /// Sends `x` to `peer` of `comm`.

@@ -37,6 +37,26 @@ pub struct SampleRow<'a> {
     pub position: usize,
 }
 
+/// One row to sample wherever its logits are (a device backend keeps them on the GPU):
+/// what to do with it, and the position of the token it draws.
+#[derive(Debug, Clone, Copy)]
+pub struct RowSpec<'a> {
+    /// Sampling parameters and penalty set.
+    pub spec: &'a SampleSpec,
+    /// Position of the token being generated; keys the noise.
+    pub position: usize,
+}
+
+/// One row's record asked for in a round: the row (of the step's sampled rows, and of the
+/// logits tensor) and the mode of this round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordAsk {
+    /// The row.
+    pub row: usize,
+    /// What the record carries this round.
+    pub mode: RecordMode,
+}
+
 /// The decision for one row.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sampled {
@@ -287,6 +307,46 @@ pub fn local_record(row: &SampleRow, m: RecordMode, first_id: usize, out: &mut V
     }
 }
 
+/// This rank's records of the asked rows of a host logits buffer `[rows.len(), cols]`,
+/// appended to `out` in the order asked: what a backend whose logits are in host memory
+/// answers to [`crate::backend::Backend::sample_records`].
+pub fn host_records(
+    logits: &[f32],
+    rows: &[RowSpec],
+    asks: &[RecordAsk],
+    first_id: usize,
+    out: &mut Vec<f32>,
+) -> Result<()> {
+    let cols = if rows.is_empty() {
+        0
+    } else {
+        logits.len() / rows.len()
+    };
+    if cols * rows.len() != logits.len() {
+        return Err(RuntimeError::Backend(format!(
+            "sample_records: {} logits are not {} whole rows",
+            logits.len(),
+            rows.len()
+        )));
+    }
+    for ask in asks {
+        let Some(r) = rows.get(ask.row) else {
+            return Err(RuntimeError::Backend(format!(
+                "sample_records: row {} of {}",
+                ask.row,
+                rows.len()
+            )));
+        };
+        let row = SampleRow {
+            logits: &logits[ask.row * cols..(ask.row + 1) * cols],
+            spec: r.spec,
+            position: r.position,
+        };
+        local_record(&row, ask.mode, first_id, out);
+    }
+    Ok(())
+}
+
 /// Combines `(max, sumexp)` pairs of the ranks into a log-sum-exp.
 fn combine_lse(parts: impl Iterator<Item = (f32, f32)> + Clone) -> f64 {
     let m = parts.clone().map(|p| p.0).fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -298,7 +358,7 @@ fn combine_lse(parts: impl Iterator<Item = (f32, f32)> + Clone) -> f64 {
 
 /// The global decision for one row from every rank's record, or `None` when the
 /// candidates offered cannot prove the top-p nucleus complete.
-fn decide(row: &SampleRow, m: RecordMode, records: &[&[f32]]) -> Option<Sampled> {
+fn decide(row: &RowSpec, m: RecordMode, records: &[&[f32]]) -> Option<Sampled> {
     let p = &row.spec.params;
     let raw_lse = combine_lse(records.iter().map(|r| (r[0], r[1])));
     let mut cands: Vec<(f32, u32, f32)> = Vec::new();
@@ -373,6 +433,32 @@ pub fn sample_distributed(
     vocab: Range<usize>,
     comm: &mut dyn Collective,
 ) -> Result<Vec<Sampled>> {
+    let specs: Vec<RowSpec> = rows
+        .iter()
+        .map(|r| RowSpec {
+            spec: r.spec,
+            position: r.position,
+        })
+        .collect();
+    let first_id = vocab.start;
+    sample_distributed_with(&specs, vocab, comm, |asks, out| {
+        for ask in asks {
+            local_record(&rows[ask.row], ask.mode, first_id, out);
+        }
+        Ok(())
+    })
+}
+
+/// [`sample_distributed`] over logits held anywhere: `records` appends this rank's record
+/// of each asked row, in the order asked, as [`local_record`] writes it (a device backend
+/// builds them on the GPU and copies back only the records). Rows are asked for once in
+/// the first round, and again only where top-p needs more candidates.
+pub fn sample_distributed_with(
+    rows: &[RowSpec],
+    vocab: Range<usize>,
+    comm: &mut dyn Collective,
+    mut records: impl FnMut(&[RecordAsk], &mut Vec<f32>) -> Result<()>,
+) -> Result<Vec<Sampled>> {
     if vocab.end >= 1 << 24 {
         return Err(RuntimeError::invalid(
             "vocab_size",
@@ -385,19 +471,29 @@ pub fn sample_distributed(
         .collect();
     let mut results: Vec<Option<Sampled>> = vec![None; rows.len()];
     loop {
-        let pending: Vec<usize> = (0..rows.len()).filter(|&i| results[i].is_none()).collect();
-        if pending.is_empty() {
+        let asks: Vec<RecordAsk> = (0..rows.len())
+            .filter(|&i| results[i].is_none())
+            .map(|row| RecordAsk {
+                row,
+                mode: modes[row],
+            })
+            .collect();
+        if asks.is_empty() {
             break;
         }
         let mut local = Vec::new();
-        for &i in &pending {
-            local_record(&rows[i], modes[i], vocab.start, &mut local);
+        records(&asks, &mut local)?;
+        let per_rank: usize = asks.iter().map(|a| a.mode.record_len()).sum();
+        if local.len() != per_rank {
+            return Err(RuntimeError::Backend(format!(
+                "sample_records gave {} values for records of {per_rank}",
+                local.len()
+            )));
         }
         let gathered = comm.all_gather(&local)?;
-        let per_rank = local.len();
         let mut offset = 0;
-        for &i in &pending {
-            let len = modes[i].record_len();
+        for ask in &asks {
+            let (i, len) = (ask.row, ask.mode.record_len());
             let records: Vec<&[f32]> = (0..comm.world_size())
                 .map(|r| &gathered[r * per_rank + offset..r * per_rank + offset + len])
                 .collect();

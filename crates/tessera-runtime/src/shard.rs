@@ -18,7 +18,7 @@ use crate::backend::{Backend, KvSpec, SeqSpan};
 use crate::collective::Collective;
 use crate::dtype::WeightDtype;
 use crate::error::{Result, RuntimeError};
-use crate::sampling::{sample_distributed, SampleRow};
+use crate::sampling::{sample_distributed_with, RowSpec};
 use crate::step::{SeqResult, StepOutput, StepRequest};
 
 /// How a shard stores its weights and how large its KV cache is.
@@ -394,29 +394,39 @@ impl<B: Backend> Shard<B> {
         let v_local = self.spec.vocab.len();
         let mut logits = b.zeros(last_rows.len(), v_local)?;
         b.linear(&h, wte, None, &mut logits)?;
-        let logits = b.download(&logits)?;
 
-        let rows: Vec<SampleRow> = wanted
+        let rows: Vec<RowSpec> = wanted
             .iter()
-            .enumerate()
-            .map(|(k, &i)| {
+            .map(|&i| {
                 let s = &req.seqs[i];
-                SampleRow {
-                    logits: &logits[k * v_local..(k + 1) * v_local],
+                RowSpec {
                     spec: s.sample.as_ref().expect("filtered on sample"),
                     position: s.start_pos + s.tokens.len(),
                 }
             })
             .collect();
-        let sampled = sample_distributed(&rows, self.spec.vocab.clone(), self.comms.tp.as_mut())?;
+        let first_id = self.spec.vocab.start;
+        let sampled = sample_distributed_with(
+            &rows,
+            self.spec.vocab.clone(),
+            self.comms.tp.as_mut(),
+            |asks, out| b.sample_records(&logits, &rows, asks, first_id, out),
+        )?;
+        // The full logits leave the device only for a request that asked for them.
+        let host_logits = if rows.iter().any(|r| r.spec.return_logits) {
+            Some(b.download(&logits)?)
+        } else {
+            None
+        };
 
         let mut results = Vec::with_capacity(wanted.len());
         for (k, (&i, s)) in wanted.iter().zip(sampled).enumerate() {
             let seq = &req.seqs[i];
-            let full = if seq.sample.as_ref().is_some_and(|s| s.return_logits) {
-                Some(self.gather_vocab(&logits[k * v_local..(k + 1) * v_local])?)
-            } else {
-                None
+            let full = match &host_logits {
+                Some(all) if rows[k].spec.return_logits => {
+                    Some(self.gather_vocab(&all[k * v_local..(k + 1) * v_local])?)
+                }
+                _ => None,
             };
             results.push(SeqResult {
                 seq_id: seq.seq_id,

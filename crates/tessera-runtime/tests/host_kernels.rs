@@ -24,7 +24,7 @@ use std::sync::Mutex;
 use harness::{Arg, Job};
 use tessera_model::splitmix64;
 use tessera_runtime::cuda::sources::{self, sample_mode, KernelDtype, SampleRowParams};
-use tessera_runtime::sampling::{self, RecordMode, SampleRow};
+use tessera_runtime::sampling::{self, RecordMode, RowSpec, SampleRow};
 use tessera_runtime::{
     Backend, CpuBackend, KvSpec, SampleSpec, SamplingParams, SeqSpan, WeightDtype,
 };
@@ -920,24 +920,15 @@ fn check_sampling() {
                 first_id as usize,
                 &mut want,
             );
-            params.push(SampleRowParams {
-                temperature: c.params.temperature,
-                repetition_penalty: c.params.repetition_penalty,
-                seed_lo: c.params.seed as u32,
-                seed_hi: (c.params.seed >> 32) as u32,
-                position: position as u32,
-                mode: match mode {
-                    RecordMode::Greedy => sample_mode::GREEDY,
-                    RecordMode::Full => sample_mode::FULL,
-                    RecordMode::Filtered { .. } => sample_mode::TOP,
-                },
-                candidates: mode.candidates() as u32,
-                scaled_stats: mode.scaled_stats(&c.params) as u32,
-                penalty_begin: penalty.len() as u32,
-                penalty_end: (penalty.len() + c.penalty_ids.len()) as u32,
-                record_offset: *offsets.last().unwrap() as u32,
-            });
-            penalty.extend(&c.penalty_ids);
+            let row_spec = RowSpec {
+                spec: &spec,
+                position,
+            };
+            params.push(
+                SampleRowParams::for_row(&row_spec, mode, penalty.len(), *offsets.last().unwrap())
+                    .unwrap(),
+            );
+            penalty.extend(SampleRowParams::penalty_ids(&row_spec));
             logits.extend(row);
         }
         let rows = cases.len();

@@ -766,6 +766,48 @@ impl NcclComm {
         unsafe { self.device_raw(DeviceOp::AllReduceSum, ptr, count, dtype, stream) }
     }
 
+    /// [`NcclComm::send_device`] on a raw device pointer, for buffers that are not
+    /// cudarc views.
+    ///
+    /// # Safety
+    /// As [`NcclComm::all_reduce_sum_raw`]; NCCL only reads the buffer.
+    pub unsafe fn send_raw(
+        &mut self,
+        peer: usize,
+        ptr: CUdeviceptr,
+        count: usize,
+        dtype: NcclDtype,
+        stream: &Arc<CudaStream>,
+    ) -> Result<()> {
+        self.check_peer("send", peer)?;
+        if count == 0 {
+            return Ok(());
+        }
+        // SAFETY: the caller's contract is this function's.
+        unsafe { self.device_raw(DeviceOp::Send(peer), ptr, count, dtype, stream) }
+    }
+
+    /// [`NcclComm::recv_device`] on a raw device pointer, for buffers that are not
+    /// cudarc views.
+    ///
+    /// # Safety
+    /// As [`NcclComm::all_reduce_sum_raw`].
+    pub unsafe fn recv_raw(
+        &mut self,
+        peer: usize,
+        ptr: CUdeviceptr,
+        count: usize,
+        dtype: NcclDtype,
+        stream: &Arc<CudaStream>,
+    ) -> Result<()> {
+        self.check_peer("recv", peer)?;
+        if count == 0 {
+            return Ok(());
+        }
+        // SAFETY: the caller's contract is this function's.
+        unsafe { self.device_raw(DeviceOp::Recv(peer), ptr, count, dtype, stream) }
+    }
+
     /// Waits on the host until everything queued on `stream` so far has run. Use it
     /// instead of a plain `synchronize` wherever the stream carries this group's
     /// operations: a plain one waits forever behind a kernel whose peer is dead, and once

@@ -10,6 +10,7 @@ use crate::backend::{check_len, check_same, Backend, KvSpec, SeqSpan};
 use crate::collective::Collective;
 use crate::dtype::WeightDtype;
 use crate::error::{Result, RuntimeError};
+use crate::sampling::{self, RecordAsk, RowSpec};
 pub use matmul::Matrix;
 
 /// A row-major f32 tensor in host memory.
@@ -264,6 +265,23 @@ impl Backend for CpuBackend {
         ops::write_kv(&qkv.data, seqs, spec, k, v)?;
         ops::paged_attention(&qkv.data, seqs, spec, k, v, &mut out.data);
         Ok(())
+    }
+
+    /// Reads the logits where they are: no copy.
+    fn sample_records(
+        &self,
+        logits: &CpuTensor,
+        rows: &[RowSpec],
+        asks: &[RecordAsk],
+        first_id: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        check_same(
+            "sample_records",
+            (logits.rows, logits.cols),
+            (rows.len(), logits.cols),
+        )?;
+        sampling::host_records(&logits.data, rows, asks, first_id, out)
     }
 
     fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> Result<CpuTensor> {

@@ -26,11 +26,12 @@ use tracing::info;
 use super::compile::KernelCache;
 use super::kernels::{launch_config, Kernels};
 use super::probe::{self, DeviceInfo, Library};
-use super::sources::{self, KernelDtype};
+use super::sources::{self, KernelDtype, SampleRowParams};
 use crate::backend::{check_len, check_same, Backend, KvSpec, SeqSpan};
 use crate::collective::{Collective, NcclDtype};
 use crate::dtype::WeightDtype;
 use crate::error::{Result, RuntimeError};
+use crate::sampling::{RecordAsk, RowSpec};
 
 /// Cache positions one split of decode attention covers (rounded to whole KV blocks): long
 /// contexts get more splits, so a decode step of few sequences still fills the GPU.
@@ -411,6 +412,14 @@ impl CudaBackend {
             )
         }
         .map_err(cublas_error)
+    }
+
+    /// The NCCL element type of the storage dtype.
+    fn nccl_dtype(&self) -> NcclDtype {
+        match self.dtype() {
+            KernelDtype::Bf16 => NcclDtype::Bf16,
+            KernelDtype::F16 => NcclDtype::F16,
+        }
     }
 
     /// Copies `x` to the host as f32, for a collective that moves host buffers.
@@ -875,6 +884,96 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    /// The `sample_stats` kernel, one block per asked row, over the logits on the device;
+    /// only the records come back to the host.
+    fn sample_records(
+        &self,
+        logits: &CudaTensor,
+        rows: &[RowSpec],
+        asks: &[RecordAsk],
+        first_id: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        check_same(
+            "sample_records",
+            (logits.rows, logits.cols),
+            (rows.len(), logits.cols),
+        )?;
+        if asks.is_empty() {
+            return Ok(());
+        }
+        if let Some(ask) = asks.iter().find(|a| a.row >= rows.len()) {
+            return Err(RuntimeError::Backend(format!(
+                "sample_records: row {} of {}",
+                ask.row,
+                rows.len()
+            )));
+        }
+        let vocab = u32_of("vocabulary slice", logits.cols)?;
+        if vocab == 0 {
+            return Err(RuntimeError::Backend(
+                "sample_records: an empty vocabulary slice".into(),
+            ));
+        }
+        let first = u32_of("first token id", first_id)?;
+        let n = u32_of("rows", asks.len())?;
+        // Block r reads row r of its logits: later rounds ask for some rows only.
+        let in_order =
+            asks.len() == logits.rows && asks.iter().enumerate().all(|(k, a)| a.row == k);
+        let picked;
+        let src = if in_order {
+            logits
+        } else {
+            picked = self.gather_rows(logits, &asks.iter().map(|a| a.row).collect::<Vec<_>>())?;
+            &picked
+        };
+        let mut words = Vec::with_capacity(asks.len() * SampleRowParams::SIZE_BYTES / 4);
+        let mut penalty: Vec<u32> = Vec::new();
+        let mut len = 0;
+        for ask in asks {
+            let row = &rows[ask.row];
+            let params = SampleRowParams::for_row(row, ask.mode, penalty.len(), len)?;
+            words.extend(params.to_words());
+            penalty.extend(SampleRowParams::penalty_ids(row));
+            len += ask.mode.record_len();
+        }
+        // A valid address even when no row has a penalty (none reads it then).
+        if penalty.is_empty() {
+            penalty.push(0);
+        }
+        let params = self.upload_u32("sampling parameters", &words)?;
+        let penalty = self.upload_u32("penalty ids", &penalty)?;
+        let alloc_f32 = |what: &str, n: usize| {
+            self.stream()
+                .alloc_zeros::<f32>(n)
+                .map_err(driver(&format!("sample_stats {what}")))
+        };
+        let mut records = alloc_f32("records", len)?;
+        let mut scratch = alloc_f32("scratch", asks.len() * logits.cols)?;
+        let f = self.dev.kernels.get("sample_stats")?;
+        let mut launch = self.stream().launch_builder(f);
+        launch
+            .arg(&mut records)
+            .arg(&mut scratch)
+            .arg(&src.data)
+            .arg(&params)
+            .arg(&penalty)
+            .arg(&n)
+            .arg(&vocab)
+            .arg(&first);
+        // SAFETY: `sample_stats`'s signature; src holds n rows of vocab elements, params
+        // n structs whose record offsets and lengths lie within records (len floats),
+        // whose penalty ranges lie within penalty, and scratch holds n·vocab floats.
+        unsafe { launch.launch(launch_config(sources::sample_stats_launch(n))) }
+            .map_err(driver("sample_stats"))?;
+        let got = self
+            .stream()
+            .clone_dtoh(&records)
+            .map_err(driver("sampling records"))?;
+        out.extend_from_slice(&got);
+        Ok(())
+    }
+
     fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
         let mut out = self.zeros(rows.len(), x.cols)?;
         let c = x.cols;
@@ -903,10 +1002,6 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         if let Some(nccl) = comm.nccl() {
-            let dtype = match self.dtype() {
-                KernelDtype::Bf16 => NcclDtype::Bf16,
-                KernelDtype::F16 => NcclDtype::F16,
-            };
             let count = x.rows * x.cols;
             let stream = self.stream();
             let (ptr, _written) = x.data.device_ptr_mut(stream);
@@ -915,21 +1010,38 @@ impl Backend for CudaBackend {
             // `_written` records the all-reduce as a write of `x.data` when dropped after
             // the call, so the buffer is neither freed nor touched by unordered work
             // before the sum has run.
-            return unsafe { nccl.all_reduce_sum_raw(ptr, count, dtype, stream) };
+            return unsafe { nccl.all_reduce_sum_raw(ptr, count, self.nccl_dtype(), stream) };
         }
         let mut host = self.stage_out(x)?;
         comm.all_reduce_sum(&mut host)?;
         self.stage_in(&host, x)
     }
 
-    /// Host-staged, as [`CudaBackend::all_reduce_sum`].
+    /// On the device through NCCL when `comm` is an NCCL group (the activations never
+    /// leave the GPU); host-staged otherwise, as [`CudaBackend::all_reduce_sum`].
     fn send(&self, comm: &mut dyn Collective, peer: usize, x: &CudaTensor) -> Result<()> {
+        if let Some(nccl) = comm.nccl() {
+            let count = x.rows * x.cols;
+            let stream = self.stream();
+            let (ptr, _read) = x.data.device_ptr(stream);
+            // SAFETY: as in `all_reduce_sum`; `_read` records the send as a read of
+            // `x.data`, so the buffer outlives it and nothing unordered overwrites it
+            // first. NCCL only reads it.
+            return unsafe { nccl.send_raw(peer, ptr, count, self.nccl_dtype(), stream) };
+        }
         let host = self.stage_out(x)?;
         comm.send(peer, &host)
     }
 
-    /// Host-staged, as [`CudaBackend::all_reduce_sum`].
+    /// As [`CudaBackend::send`]: NCCL on the device, or host-staged.
     fn recv(&self, comm: &mut dyn Collective, peer: usize, x: &mut CudaTensor) -> Result<()> {
+        if let Some(nccl) = comm.nccl() {
+            let count = x.rows * x.cols;
+            let stream = self.stream();
+            let (ptr, _written) = x.data.device_ptr_mut(stream);
+            // SAFETY: as in `all_reduce_sum`.
+            return unsafe { nccl.recv_raw(peer, ptr, count, self.nccl_dtype(), stream) };
+        }
         let mut host = vec![0f32; x.rows * x.cols];
         comm.recv(peer, &mut host)?;
         self.stage_in(&host, x)

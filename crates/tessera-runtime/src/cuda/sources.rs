@@ -219,6 +219,9 @@ pub const DEFAULT_SHARED_LIMIT_BYTES: u32 = 48 * 1024;
 
 use ParamType::*;
 
+use crate::error::{Result, RuntimeError};
+use crate::sampling::{RecordMode, RowSpec};
+
 /// Every kernel file, in load order.
 pub const FILES: &[KernelFile] = &[
     KernelFile {
@@ -536,6 +539,54 @@ impl SampleRowParams {
             self.penalty_end,
             self.record_offset,
         ]
+    }
+
+    /// The parameters of one row's record in `mode`: its penalty ids start at
+    /// `penalty_begin` of the launch's `penalty_ids` (the row's own ids follow there when
+    /// its penalty is not 1), its record at `record_offset` of `records`.
+    pub fn for_row(
+        row: &RowSpec,
+        mode: RecordMode,
+        penalty_begin: usize,
+        record_offset: usize,
+    ) -> Result<Self> {
+        let p = &row.spec.params;
+        let penalty_len = if p.repetition_penalty != 1.0 {
+            row.spec.penalty_ids.len()
+        } else {
+            0
+        };
+        let word = |what: &str, n: usize| {
+            u32::try_from(n).map_err(|_| {
+                RuntimeError::Backend(format!("sample_stats: {what} {n} does not fit in 32 bits"))
+            })
+        };
+        Ok(SampleRowParams {
+            temperature: p.temperature,
+            repetition_penalty: p.repetition_penalty,
+            seed_lo: p.seed as u32,
+            seed_hi: (p.seed >> 32) as u32,
+            position: word("position", row.position)?,
+            mode: match mode {
+                RecordMode::Greedy => sample_mode::GREEDY,
+                RecordMode::Full => sample_mode::FULL,
+                RecordMode::Filtered { .. } => sample_mode::TOP,
+            },
+            candidates: word("candidates", mode.candidates())?,
+            scaled_stats: mode.scaled_stats(p) as u32,
+            penalty_begin: word("penalty offset", penalty_begin)?,
+            penalty_end: word("penalty offset", penalty_begin + penalty_len)?,
+            record_offset: word("record offset", record_offset)?,
+        })
+    }
+
+    /// Ids of `row`'s penalty set the launch must carry: none when its penalty is 1.
+    pub fn penalty_ids<'a>(row: &RowSpec<'a>) -> &'a [u32] {
+        if row.spec.params.repetition_penalty != 1.0 {
+            &row.spec.penalty_ids
+        } else {
+            &[]
+        }
     }
 
     /// Floats of a record with this many candidate slots (header of 5, 3 per slot).

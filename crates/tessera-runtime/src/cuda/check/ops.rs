@@ -20,6 +20,8 @@ use crate::cpu::CpuBackend;
 use crate::cuda::CudaBackend;
 use crate::dtype::WeightDtype;
 use crate::error::Result;
+use crate::sampling::{RecordAsk, RecordMode, RowSpec};
+use crate::step::{SampleSpec, SamplingParams};
 
 const SECTION: &str = "ops";
 
@@ -81,6 +83,10 @@ pub fn check_ops(gpu: &CudaBackend, cpu: &CpuBackend, seed: u64) -> Vec<Check> {
             linear(&mut p, rows, k, m, bias),
         );
     }
+    push(
+        "sample_records 5x25129",
+        sample_records(&mut p, 25129, 25128),
+    );
     for (heads, head_dim) in [(3, 80), (2, 128)] {
         match attention(&mut p, heads, head_dim) {
             Ok(checks) => out.extend(checks),
@@ -234,6 +240,110 @@ fn all_reduce_world1(p: &mut Pair, rows: usize, cols: usize) -> Result<Check> {
         &p.gpu.download(&gx)?,
         &x,
     ))
+}
+
+/// The sampler's per-rank records (`sample_stats`) of five rows, one per kind of
+/// sampling, over a vocabulary slice that is no multiple of the block; then a later
+/// round's subset of rows, out of order. Every field must equal the CPU's bit for bit
+/// except the two sums of exponentials, which are f32 sums in another order.
+fn sample_records(p: &mut Pair, vocab: usize, first_id: usize) -> Result<Check> {
+    let params = |temperature, top_k, top_p, repetition_penalty| SamplingParams {
+        temperature,
+        top_k,
+        top_p,
+        seed: 0x5EED_0000_0000_0007,
+        repetition_penalty,
+    };
+    // Ids below, inside and past the slice.
+    let penalty_ids: Vec<u32> = vec![3, first_id as u32 + 7, first_id as u32 + 800, 60_000];
+    let specs: Vec<SampleSpec> = [
+        params(0.0, 0, 1.0, 1.0),
+        params(0.8, 0, 1.0, 1.0),
+        params(1.0, 40, 1.0, 1.0),
+        params(0.7, 0, 0.9, 1.0),
+        params(0.0, 0, 1.0, 1.3),
+    ]
+    .into_iter()
+    .map(|params| SampleSpec {
+        params,
+        penalty_ids: penalty_ids.clone(),
+        return_logits: false,
+    })
+    .collect();
+    let rows: Vec<RowSpec> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| RowSpec {
+            spec,
+            position: 100 + 7 * i,
+        })
+        .collect();
+    let logits = p.values(rows.len() * vocab, -8.0, 8.0);
+    let gl = p.gpu.upload(&logits, rows.len(), vocab)?;
+    let cl = p.cpu.upload(&logits, rows.len(), vocab)?;
+    let first: Vec<RecordAsk> = rows
+        .iter()
+        .enumerate()
+        .map(|(row, r)| RecordAsk {
+            row,
+            mode: RecordMode::first_round(&r.spec.params),
+        })
+        .collect();
+    let later = [
+        RecordAsk {
+            row: 3,
+            mode: RecordMode::Filtered { c: 1024 },
+        },
+        RecordAsk {
+            row: 1,
+            mode: RecordMode::Full,
+        },
+    ];
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for asks in [&first[..], &later[..]] {
+        p.gpu.sample_records(&gl, &rows, asks, first_id, &mut got)?;
+        p.cpu
+            .sample_records(&cl, &rows, asks, first_id, &mut want)?;
+    }
+    let mut worst = 0f64;
+    let mut wrong = Vec::new();
+    let mut offset = 0;
+    for (k, ask) in first.iter().chain(&later).enumerate() {
+        let len = ask.mode.record_len();
+        for i in 0..len {
+            let (g, w) = (
+                got.get(offset + i).copied().unwrap_or(f32::NAN),
+                want[offset + i],
+            );
+            let ok = if i == 1 || i == 3 {
+                let rel = ((g - w) as f64 / w.max(f32::MIN_POSITIVE) as f64).abs();
+                worst = worst.max(rel);
+                rel <= 1e-5
+            } else {
+                g.to_bits() == w.to_bits()
+            };
+            if !ok && wrong.len() < 3 {
+                wrong.push(format!("record {k} field {i}: {g}, the CPU {w}"));
+            }
+        }
+        offset += len;
+    }
+    let detail = if got.len() != want.len() {
+        format!("{} values, the CPU gave {}", got.len(), want.len())
+    } else {
+        wrong.join("; ")
+    };
+    Ok(Check {
+        section: SECTION.to_string(),
+        name: format!(
+            "sample_records {}x{vocab} (greedy, gumbel, top-k, top-p, penalty; then a subset)",
+            rows.len()
+        ),
+        passed: detail.is_empty(),
+        error: Some(worst),
+        tolerance: Some(1e-5),
+        detail,
+    })
 }
 
 /// One attention call on both backends' caches, compared.
