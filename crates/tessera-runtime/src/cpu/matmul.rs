@@ -44,6 +44,7 @@ use std::sync::OnceLock;
 use half::bf16;
 use rayon::prelude::*;
 
+use super::huge::{HugeBuf, Zeroable};
 use crate::dtype::WeightDtype;
 
 /// Output features per packed panel. 64 f32 are four zmm vectors (one AVX-512 tile row);
@@ -81,6 +82,9 @@ const PREFETCH_AHEAD_BYTES: usize = 8 * 1024;
 #[repr(C, align(64))]
 struct CacheLine([u8; 64]);
 
+// SAFETY: bytes; all zero is a valid line.
+unsafe impl Zeroable for CacheLine {}
+
 /// A weight matrix `[rows = out_features, cols = in_features]` (nn.Linear layout), packed into
 /// panels for `linear` (see the module documentation).
 #[derive(Clone)]
@@ -90,7 +94,7 @@ pub struct Matrix {
     dtype: WeightDtype,
     /// `rows.div_ceil(PANEL_WIDTH)` panels of `cols × PANEL_WIDTH` weights each, k-major. A
     /// bf16 panel row pairs features within each group of 32 (see `bf16_slot`).
-    panels: Vec<CacheLine>,
+    panels: HugeBuf<CacheLine>,
 }
 
 impl std::fmt::Debug for Matrix {
@@ -134,7 +138,7 @@ impl Matrix {
         );
         let panel_lines = cols * PANEL_WIDTH * dtype.size_bytes() / 64;
         let n_panels = rows.div_ceil(PANEL_WIDTH);
-        let mut panels = vec![CacheLine([0; 64]); n_panels * panel_lines];
+        let mut panels = HugeBuf::<CacheLine>::zeroed(n_panels * panel_lines);
         if panel_lines > 0 {
             panels
                 .par_chunks_mut(panel_lines)

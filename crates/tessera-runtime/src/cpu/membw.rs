@@ -9,6 +9,8 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
+use super::huge::HugeBuf;
+
 /// Prefetch distance, as in the GEMV kernels.
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_AHEAD_BYTES: usize = 8 * 1024;
@@ -109,10 +111,12 @@ mod x86 {
 /// Best-of-`reps` read bandwidth in GB/s (10⁹ bytes/s) over a buffer of `bytes`, split over
 /// the current rayon pool the way the GEMV kernels split their weights.
 pub fn read_bandwidth_gb_s(bytes: usize, reps: usize) -> f64 {
-    let buf: Vec<f32> = (0..bytes / 4)
-        .into_par_iter()
-        .map(|i| (i % 1024) as f32)
-        .collect();
+    // The weights' own allocation (huge pages where Linux gives them), so that the floor
+    // is what the kernels could reach from the same memory.
+    let mut buf = HugeBuf::<f32>::zeroed(bytes / 4);
+    buf.par_iter_mut()
+        .enumerate()
+        .for_each(|(i, v)| *v = (i % 1024) as f32);
     let chunk = buf.len().div_ceil(8 * rayon::current_num_threads()).max(1);
     let mut best = 0f64;
     for _ in 0..reps.max(1) {

@@ -1,5 +1,6 @@
 //! The CPU backend: f32 compute, f32 or bf16 weights, SIMD kernels chosen at run time,
 //! parallel over the current rayon pool (sized by `--threads`).
+pub mod huge;
 pub mod matmul;
 pub mod membw;
 mod ops;
