@@ -302,7 +302,7 @@ fn prefetch(data: &[f32]) {
 fn heads_per_task(rows: usize, heads: usize, threads: usize) -> usize {
     let want_groups = (2 * threads).div_ceil(rows.max(1)).clamp(1, heads.max(1));
     (want_groups..=heads.max(1))
-        .find(|g| heads % g == 0)
+        .find(|g| heads.is_multiple_of(*g))
         .map_or(heads.max(1), |groups| heads / groups)
 }
 
