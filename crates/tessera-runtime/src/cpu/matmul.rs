@@ -28,8 +28,9 @@
 //! Batch-1 decode streams every weight once per token and does one multiply-add per weight,
 //! so it is bound by memory bandwidth: a tile of one row reads its panel sequentially with a
 //! software prefetch a few KiB ahead, and its four independent FMA chains per k step are far
-//! faster than memory. Prefill is compute bound: a panel (≤ 0.8 MB for GPT-2 shapes) stays in
-//! L2 while every row tile of the batch runs over it. Measured on the 2-core development VM
+//! faster than memory. Prefill is compute bound: a group of panels (about 1 MB) stays in L2
+//! while every row tile of the batch runs over each of its panels in turn, so a tile's rows
+//! stay in L1 across the group and a large batch reads its activations once per group. Measured on the 2-core development VM
 //! (GPT-2 shapes, m = 64 and 256): blocking k so that a 128- or 256-row block of the panel
 //! stays in L1 (partial sums stored to `out` and reloaded, which is exact) was no faster, and
 //! widening a bf16 panel once into an f32 scratch (a portable loop) was slower at m = 16–64
@@ -55,6 +56,11 @@ const PANEL_WIDTH: usize = 64;
 /// registers (and 6 × 2 of AVX2's 16 per pass), leaving room for the weights and the
 /// broadcast.
 const TILE_ROWS: usize = 6;
+
+/// Bytes of weights in a group of panels that the row tiles of a batch share while it is
+/// in L2 (see `Matrix::panels_per_group`); half of a 2 MiB L2, leaving room for the
+/// activations and the output.
+const PANEL_GROUP_BYTES: usize = 1 << 20;
 
 /// Fewest weight bytes one task streams, so that rayon's per-task cost (a few µs) stays a few
 /// percent of the task; matrices smaller than two of these run on the calling thread.
@@ -233,6 +239,14 @@ impl Matrix {
                 }
             }
         }
+    }
+
+    /// Panels a row tile runs over one after another, so that the tile's activation rows
+    /// stay in L1 across them while the group's panels stay in L2: a large batch then
+    /// reads its activations once per group instead of once per panel.
+    fn panels_per_group(&self) -> usize {
+        let panel_bytes = self.cols * PANEL_WIDTH * self.dtype.size_bytes();
+        (PANEL_GROUP_BYTES / panel_bytes.max(1)).max(1)
     }
 
     /// The cache lines of panel `p`.
@@ -450,40 +464,56 @@ struct Call<'a> {
 
 impl Call<'_> {
     /// Computes the output elements of activation rows `rows` in the columns of `panels`,
-    /// panel by panel; every row tile of the batch runs over a panel while it is in cache.
+    /// a group of panels at a time (`Matrix::panels_per_group`): every row tile runs over
+    /// each panel of the group in turn, its rows staying in L1 and the group in L2.
     ///
     /// # Safety
     /// Nothing else reads or writes those output elements during the call.
     unsafe fn run_task(&self, panels: std::ops::Range<usize>, rows: std::ops::Range<usize>) {
-        let (n_out, cols) = (self.w.rows, self.w.cols);
         debug_assert!(rows.end <= self.m);
-        for p in panels {
-            let c0 = p * PANEL_WIDTH;
-            let lines = self.w.panel_lines(p);
+        let group = self.w.panels_per_group();
+        let mut g0 = panels.start;
+        while g0 < panels.end {
+            let g1 = (g0 + group).min(panels.end);
             let mut i = rows.start;
             while i < rows.end {
-                let tile = Tile {
-                    x: self.x[i * cols..].as_ptr(),
-                    x_stride: cols,
-                    w: lines.as_ptr().cast(),
-                    k_len: cols,
-                    // SAFETY: row i < m and column c0 < rows: inside `out` (m×rows).
-                    out: unsafe { self.out.get().add(i * n_out + c0) },
-                    out_stride: n_out,
-                    width: (n_out - c0).min(PANEL_WIDTH),
-                    bias: self.bias.map(|b| b[c0..].as_ptr()),
-                };
                 let tile_rows = (rows.end - i).min(TILE_ROWS);
-                // Only the first tile streams the panel from memory; the others find it in
-                // cache, where prefetching would only cost instructions.
-                let stream = i == rows.start;
-                // SAFETY: the tile reads `tile_rows` rows of x from row i (i + tile_rows <= m)
-                // and the whole panel p, and writes the tile's `width` columns of those rows,
-                // which the caller gives this task alone.
-                unsafe { run_tile(self.level, self.w.dtype, tile_rows, stream, &tile) };
+                for p in g0..g1 {
+                    // Only the first tile streams a panel from memory; the others find it
+                    // in cache, where prefetching would only cost instructions.
+                    // SAFETY: the caller gives this task these rows of these panels alone.
+                    unsafe { self.run_panel_tile(p, i, tile_rows, i == rows.start) };
+                }
                 i += tile_rows;
             }
+            g0 = g1;
         }
+    }
+
+    /// One register tile: `tile_rows` activation rows from row `i` × panel `p`. `stream`:
+    /// the first tile over the panel, which reads it from memory (and prefetches ahead).
+    ///
+    /// # Safety
+    /// As `run_task`, for those output elements.
+    #[inline(always)]
+    unsafe fn run_panel_tile(&self, p: usize, i: usize, tile_rows: usize, stream: bool) {
+        let (n_out, cols) = (self.w.rows, self.w.cols);
+        let c0 = p * PANEL_WIDTH;
+        let tile = Tile {
+            x: self.x[i * cols..].as_ptr(),
+            x_stride: cols,
+            w: self.w.panel_lines(p).as_ptr().cast(),
+            k_len: cols,
+            // SAFETY: row i < m and column c0 < rows: inside `out` (m×rows).
+            out: unsafe { self.out.get().add(i * n_out + c0) },
+            out_stride: n_out,
+            width: (n_out - c0).min(PANEL_WIDTH),
+            bias: self.bias.map(|b| b[c0..].as_ptr()),
+        };
+        // SAFETY: the tile reads `tile_rows` rows of x from row i (i + tile_rows <= m) and
+        // the whole panel p, and writes the tile's `width` columns of those rows, which the
+        // caller gives this task alone.
+        unsafe { run_tile(self.level, self.w.dtype, tile_rows, stream, &tile) };
     }
 }
 
