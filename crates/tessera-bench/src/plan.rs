@@ -458,10 +458,13 @@ pub fn compare(cost: &CostModel, limits: &Limits, run: &MeasuredRun) -> Comparis
 /// FLOPs). Each is found by bisection with the other held, alternating until both settle.
 pub fn calibrate(cost: &mut CostModel, limits: &Limits, run: &MeasuredRun) -> Efficiency {
     let mut e = cost.hardware().efficiency;
-    // Efficiencies are searched on a log scale between 10⁻⁶ and all of the peak.
+    // Efficiencies are searched on a log scale between 10⁻⁶ and about 3 (10^0.5): past 1
+    // where the profile's own figures are low, as a `cpu` profile measured while `plan`
+    // runs can be against the run it is fitted to (stopping at 1 then bent the other
+    // efficiency to make up for it).
     fn solve(mut f: impl FnMut(f64) -> f64, target: f64) -> f64 {
         // f decreases as the efficiency grows.
-        let (mut lo, mut hi) = (-6.0f64, 0.0f64);
+        let (mut lo, mut hi) = (-6.0f64, 0.5f64);
         for _ in 0..48 {
             let mid = 0.5 * (lo + hi);
             if f(10f64.powf(mid)) > target {
