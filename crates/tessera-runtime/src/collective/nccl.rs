@@ -718,14 +718,9 @@ impl NcclComm {
         buf: &impl DevicePtr<T>,
         stream: &Arc<CudaStream>,
     ) -> Result<()> {
-        self.check_peer("send", peer)?;
-        let count = buf.len();
-        if count == 0 {
-            return Ok(());
-        }
         let (ptr, _read) = buf.device_ptr(stream);
         // SAFETY: as in `all_reduce_sum_in_place`; NCCL only reads the buffer.
-        unsafe { self.device_raw(DeviceOp::Send(peer), ptr, count, T::DTYPE, stream) }
+        unsafe { self.send_raw(peer, ptr, buf.len(), T::DTYPE, stream) }
     }
 
     /// Receives `buf.len()` elements from `peer` into `buf`, enqueued on `stream`.
@@ -735,14 +730,10 @@ impl NcclComm {
         buf: &mut impl DevicePtrMut<T>,
         stream: &Arc<CudaStream>,
     ) -> Result<()> {
-        self.check_peer("recv", peer)?;
         let count = buf.len();
-        if count == 0 {
-            return Ok(());
-        }
         let (ptr, _written) = buf.device_ptr_mut(stream);
         // SAFETY: as in `all_reduce_sum_in_place`.
-        unsafe { self.device_raw(DeviceOp::Recv(peer), ptr, count, T::DTYPE, stream) }
+        unsafe { self.recv_raw(peer, ptr, count, T::DTYPE, stream) }
     }
 
     /// [`NcclComm::all_reduce_sum_in_place`] on a raw device pointer, for buffers that
@@ -779,12 +770,8 @@ impl NcclComm {
         dtype: NcclDtype,
         stream: &Arc<CudaStream>,
     ) -> Result<()> {
-        self.check_peer("send", peer)?;
-        if count == 0 {
-            return Ok(());
-        }
         // SAFETY: the caller's contract is this function's.
-        unsafe { self.device_raw(DeviceOp::Send(peer), ptr, count, dtype, stream) }
+        unsafe { self.peer_raw(DeviceOp::Send(peer), ptr, count, dtype, stream) }
     }
 
     /// [`NcclComm::recv_device`] on a raw device pointer, for buffers that are not
@@ -800,12 +787,32 @@ impl NcclComm {
         dtype: NcclDtype,
         stream: &Arc<CudaStream>,
     ) -> Result<()> {
-        self.check_peer("recv", peer)?;
+        // SAFETY: the caller's contract is this function's.
+        unsafe { self.peer_raw(DeviceOp::Recv(peer), ptr, count, dtype, stream) }
+    }
+
+    /// A send or receive: checks the peer, then enqueues it unless empty.
+    ///
+    /// # Safety
+    /// As [`NcclComm::all_reduce_sum_raw`].
+    unsafe fn peer_raw(
+        &mut self,
+        op: DeviceOp,
+        ptr: CUdeviceptr,
+        count: usize,
+        dtype: NcclDtype,
+        stream: &Arc<CudaStream>,
+    ) -> Result<()> {
+        match op {
+            DeviceOp::Send(peer) => self.check_peer("send", peer)?,
+            DeviceOp::Recv(peer) => self.check_peer("recv", peer)?,
+            DeviceOp::AllReduceSum => {}
+        }
         if count == 0 {
             return Ok(());
         }
         // SAFETY: the caller's contract is this function's.
-        unsafe { self.device_raw(DeviceOp::Recv(peer), ptr, count, dtype, stream) }
+        unsafe { self.device_raw(op, ptr, count, dtype, stream) }
     }
 
     /// Waits on the host until everything queued on `stream` so far has run. Use it
