@@ -125,6 +125,13 @@ pub fn gather_rows(rows: usize, cols: usize, elem_bytes: usize) -> Work {
     Work::new(f(2 * rows * cols * elem_bytes), 0.0)
 }
 
+/// `sample_stats` over `rows` rows of a `vocab` logits slice: each logit read once, its
+/// processed f32 value written to the scratch and read back by the later passes (the
+/// statistics and the candidates run over the scratch, in L2 at best); no matrix work.
+pub fn sample_records(rows: usize, vocab: usize, elem_bytes: usize) -> Work {
+    Work::new(f(rows * vocab * (elem_bytes + 2 * 4)), 0.0)
+}
+
 /// Causal attention FLOPs of one head over `new` tokens appended after `start` cached
 /// ones: token `i` of the new ones attends to `start + i + 1` positions, and each
 /// position costs a `head_dim` dot product for its score and another for its share of

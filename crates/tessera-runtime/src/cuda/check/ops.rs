@@ -569,5 +569,36 @@ fn time_case(
             let picked: Vec<usize> = (0..rows).map(|i| (i * 31) % from).collect();
             time(&mut || gpu.gather_rows(&x, &picked).map(drop))
         }
+        KernelCase::SampleRecords { rows } => {
+            let logits = tensor(rows, dims.vocab, 19)?;
+            let spec = SampleSpec {
+                params: SamplingParams {
+                    temperature: 0.8,
+                    top_k: 0,
+                    top_p: 0.9,
+                    seed: 7,
+                    repetition_penalty: 1.0,
+                },
+                penalty_ids: vec![],
+                return_logits: false,
+            };
+            let specs: Vec<RowSpec> = (0..rows)
+                .map(|i| RowSpec {
+                    spec: &spec,
+                    position: 100 + i,
+                })
+                .collect();
+            let asks: Vec<RecordAsk> = (0..rows)
+                .map(|row| RecordAsk {
+                    row,
+                    mode: RecordMode::first_round(&spec.params),
+                })
+                .collect();
+            let mut out = Vec::new();
+            time(&mut || {
+                out.clear();
+                gpu.sample_records(&logits, &specs, &asks, 0, &mut out)
+            })
+        }
     }
 }

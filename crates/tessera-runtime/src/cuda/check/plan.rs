@@ -100,6 +100,9 @@ pub enum KernelCase {
     AttentionDecode { batch: usize, context: usize },
     /// `rows` rows gathered out of `from`.
     GatherRows { rows: usize, from: usize },
+    /// The sampler's records of `rows` rows of the rank's logits slice (top-p: the
+    /// processed logits' statistics and 256 candidates a row).
+    SampleRecords { rows: usize },
 }
 
 /// The shard dimensions the kernel cases use.
@@ -192,6 +195,7 @@ impl KernelCase {
                 context: dims.positions - 1,
             },
             KernelCase::GatherRows { rows: 64, from: n },
+            KernelCase::SampleRecords { rows: 64 },
         ]);
         cases
     }
@@ -216,6 +220,9 @@ impl KernelCase {
                 dims.heads, dims.head_dim
             ),
             KernelCase::GatherRows { rows, from } => format!("gather_rows {rows} of {from}x{d}"),
+            KernelCase::SampleRecords { rows } => {
+                format!("sample_records {rows}x{} top-p", dims.vocab)
+            }
         }
     }
 
@@ -237,6 +244,7 @@ impl KernelCase {
                 floors::attention(batch, context, 1, dims.heads, dims.head_dim, e)
             }
             KernelCase::GatherRows { rows, .. } => floors::gather_rows(rows, d, e),
+            KernelCase::SampleRecords { rows } => floors::sample_records(rows, dims.vocab, e),
         }
     }
 }
@@ -338,6 +346,7 @@ mod tests {
             "attention prefill 2048",
             "attention decode b64 ctx2047",
             "gather_rows",
+            "sample_records",
         ] {
             assert!(
                 timings.iter().any(|t| t.name.starts_with(op)),

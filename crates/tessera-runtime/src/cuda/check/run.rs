@@ -93,7 +93,6 @@ pub fn run(opts: &CheckOptions) -> Report {
         r.checks.extend(check_ops(&gpu, &cpu, 0x5eed));
         Ok(())
     });
-    note_sampling(&mut report);
 
     section(&mut report, "forward", |r| {
         r.checks.extend(check_gpt2(&gpu, &cpu, opts));
@@ -178,15 +177,6 @@ fn device_facts(gpu: &CudaBackend) -> String {
         facts.push_str(&format!(", NVRTC {major}.{minor}"));
     }
     facts
-}
-
-fn note_sampling(report: &mut Report) {
-    report.notes.push(
-        "the CUDA backend has no device sampling path: a step downloads its logits slice \
-         and samples on the host (sampling.rs, shared with the CPU backend), so there is \
-         no sampling kernel to check here"
-            .into(),
-    );
 }
 
 /// Device-to-device copy bandwidth and the bf16 GEMM rate, each the median of timed
