@@ -155,12 +155,8 @@ pub trait Backend: Send + Sync + 'static {
         first_id: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        check_same(
-            "sample_records",
-            self.shape(logits),
-            (rows.len(), self.shape(logits).1),
-        )?;
-        sampling::host_records(&self.download(logits)?, rows, asks, first_id, out)
+        let shape = self.shape(logits);
+        sampling::host_records(&self.download(logits)?, shape, rows, asks, first_id, out)
     }
 
     /// Sums `x` over the group, in place.

@@ -307,36 +307,40 @@ pub fn local_record(row: &SampleRow, m: RecordMode, first_id: usize, out: &mut V
     }
 }
 
-/// This rank's records of the asked rows of a host logits buffer `[rows.len(), cols]`,
-/// appended to `out` in the order asked: what a backend whose logits are in host memory
-/// answers to [`crate::backend::Backend::sample_records`].
+/// Checks the arguments of a [`crate::backend::Backend::sample_records`] call: logits of
+/// `shape` hold one row per sampled row, and every ask names one of those rows.
+pub fn check_record_asks(
+    shape: (usize, usize),
+    rows: &[RowSpec],
+    asks: &[RecordAsk],
+) -> Result<()> {
+    crate::backend::check_same("sample_records", shape, (rows.len(), shape.1))?;
+    match asks.iter().find(|a| a.row >= rows.len()) {
+        Some(ask) => Err(RuntimeError::Backend(format!(
+            "sample_records: row {} of {}",
+            ask.row,
+            rows.len()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// This rank's records of the asked rows of a host logits buffer of `shape`, appended to
+/// `out` in the order asked: what a backend whose logits are in host memory answers to
+/// [`crate::backend::Backend::sample_records`].
 pub fn host_records(
     logits: &[f32],
+    shape: (usize, usize),
     rows: &[RowSpec],
     asks: &[RecordAsk],
     first_id: usize,
     out: &mut Vec<f32>,
 ) -> Result<()> {
-    let cols = if rows.is_empty() {
-        0
-    } else {
-        logits.len() / rows.len()
-    };
-    if cols * rows.len() != logits.len() {
-        return Err(RuntimeError::Backend(format!(
-            "sample_records: {} logits are not {} whole rows",
-            logits.len(),
-            rows.len()
-        )));
-    }
+    crate::backend::check_len("sample_records", logits.len(), shape.0, shape.1)?;
+    check_record_asks(shape, rows, asks)?;
+    let cols = shape.1;
     for ask in asks {
-        let Some(r) = rows.get(ask.row) else {
-            return Err(RuntimeError::Backend(format!(
-                "sample_records: row {} of {}",
-                ask.row,
-                rows.len()
-            )));
-        };
+        let r = &rows[ask.row];
         let row = SampleRow {
             logits: &logits[ask.row * cols..(ask.row + 1) * cols],
             spec: r.spec,

@@ -31,7 +31,7 @@ use crate::backend::{check_len, check_same, Backend, KvSpec, SeqSpan};
 use crate::collective::{Collective, NcclDtype};
 use crate::dtype::WeightDtype;
 use crate::error::{Result, RuntimeError};
-use crate::sampling::{RecordAsk, RowSpec};
+use crate::sampling::{check_record_asks, RecordAsk, RowSpec};
 
 /// Cache positions one split of decode attention covers (rounded to whole KV blocks): long
 /// contexts get more splits, so a decode step of few sequences still fills the GPU.
@@ -894,20 +894,9 @@ impl Backend for CudaBackend {
         first_id: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        check_same(
-            "sample_records",
-            (logits.rows, logits.cols),
-            (rows.len(), logits.cols),
-        )?;
+        check_record_asks((logits.rows, logits.cols), rows, asks)?;
         if asks.is_empty() {
             return Ok(());
-        }
-        if let Some(ask) = asks.iter().find(|a| a.row >= rows.len()) {
-            return Err(RuntimeError::Backend(format!(
-                "sample_records: row {} of {}",
-                ask.row,
-                rows.len()
-            )));
         }
         let vocab = u32_of("vocabulary slice", logits.cols)?;
         if vocab == 0 {

@@ -152,18 +152,17 @@ impl Report {
             None => out.push_str("ceilings: not measured, so no floors\n"),
         }
         if !self.checks.is_empty() {
-            let w = name_width(
+            let (names, w) = labels(
                 self.checks
                     .iter()
-                    .map(|c| c.section.len() + 1 + c.name.len()),
+                    .map(|c| (c.section.as_str(), c.name.as_str())),
             );
             let _ = writeln!(
                 out,
                 "{:<w$}  {:<6} {:>9} {:>9}",
                 "check", "result", "error", "tolerance"
             );
-            for c in &self.checks {
-                let name = format!("{}/{}", c.section, c.name);
+            for (c, name) in self.checks.iter().zip(&names) {
                 let _ = write!(
                     out,
                     "{:<w$}  {:<6} {:>9} {:>9}",
@@ -179,18 +178,13 @@ impl Report {
             }
         }
         if !self.timings.is_empty() {
-            let w = name_width(
-                self.timings
-                    .iter()
-                    .map(|t| t.section.len() + 1 + t.name.len()),
-            );
+            let (names, w) = self.timing_labels();
             let _ = writeln!(
                 out,
                 "{:<w$}  {:>11} {:>11} {:>7}  {:<7}",
                 "timing", "measured", "floor", "ratio", "bound"
             );
-            for t in &self.timings {
-                let name = format!("{}/{}", t.section, t.name);
+            for (t, name) in self.timings.iter().zip(&names) {
                 let _ = write!(
                     out,
                     "{:<w$}  {:>11} {:>11} {:>7}  {:<7}",
@@ -255,25 +249,30 @@ impl Report {
 }
 
 impl Report {
+    /// The timings' `section/name` labels and their column width.
+    fn timing_labels(&self) -> (Vec<String>, usize) {
+        labels(
+            self.timings
+                .iter()
+                .map(|t| (t.section.as_str(), t.name.as_str())),
+        )
+    }
+
     /// The work behind each timing: bytes, FLOPs and (given ceilings) the floor; what
     /// `--dry-run` prints.
     pub fn work_table(&self) -> String {
         let mut out = String::new();
-        let w = name_width(
-            self.timings
-                .iter()
-                .map(|t| t.section.len() + 1 + t.name.len()),
-        );
+        let (names, w) = self.timing_labels();
         let _ = writeln!(
             out,
             "{:<w$}  {:>12} {:>12} {:>11}  {:<7}",
             "timing", "GB moved", "GFLOP", "floor", "bound"
         );
-        for t in &self.timings {
+        for (t, name) in self.timings.iter().zip(&names) {
             let _ = writeln!(
                 out,
                 "{:<w$}  {:>12.4} {:>12.1} {:>11}  {:<7}",
-                format!("{}/{}", t.section, t.name),
+                name,
                 t.work.bytes / 1e9,
                 t.work.flops / 1e9,
                 ms(t.floor_ms),
@@ -292,8 +291,16 @@ fn trim_lines(s: &str) -> String {
     s.lines().map(|l| format!("{}\n", l.trim_end())).collect()
 }
 
-fn name_width(lengths: impl Iterator<Item = usize>) -> usize {
-    lengths.max().unwrap_or(0).clamp(10, 60)
+/// `section/name` of each row, and the width of a column that fits them (10 to 60).
+fn labels<'a>(rows: impl Iterator<Item = (&'a str, &'a str)>) -> (Vec<String>, usize) {
+    let names: Vec<String> = rows.map(|(s, n)| format!("{s}/{n}")).collect();
+    let width = names
+        .iter()
+        .map(String::len)
+        .max()
+        .unwrap_or(0)
+        .clamp(10, 60);
+    (names, width)
 }
 
 fn first_line(s: &str) -> &str {
