@@ -30,11 +30,12 @@
 //! software prefetch a few KiB ahead, and its four independent FMA chains per k step are far
 //! faster than memory. Prefill is compute bound: a group of panels (about 1 MB) stays in L2
 //! while every row tile of the batch runs over each of its panels in turn, so a tile's rows
-//! stay in L1 across the group and a large batch reads its activations once per group. Measured on the 2-core development VM
-//! (GPT-2 shapes, m = 64 and 256): blocking k so that a 128- or 256-row block of the panel
-//! stays in L1 (partial sums stored to `out` and reloaded, which is exact) was no faster, and
-//! widening a bf16 panel once into an f32 scratch (a portable loop) was slower at m = 16–64
-//! than widening each panel row in registers, so neither is done.
+//! stay in L1 across the group and a large batch reads its activations once per group.
+//! Measured on the 2-core development VM (GPT-2 shapes, m = 64 and 256): blocking k so that
+//! a 128- or 256-row block of the panel stays in L1 (partial sums stored to `out` and
+//! reloaded, which is exact) was no faster, and widening a bf16 panel once into an f32
+//! scratch (a portable loop) was slower at m = 16–64 than widening each panel row in
+//! registers, so neither is done.
 //!
 //! Parallelism uses the current rayon pool (callers `pool.install(..)`): tasks own groups of
 //! panels and, for large batches, blocks of rows; a task computes whole output elements, so
@@ -245,13 +246,17 @@ impl Matrix {
     /// stay in L1 across them while the group's panels stay in L2: a large batch then
     /// reads its activations once per group instead of once per panel.
     fn panels_per_group(&self) -> usize {
-        let panel_bytes = self.cols * PANEL_WIDTH * self.dtype.size_bytes();
-        (PANEL_GROUP_BYTES / panel_bytes.max(1)).max(1)
+        (PANEL_GROUP_BYTES / self.panel_bytes().max(1)).max(1)
+    }
+
+    /// Bytes of one packed panel: `cols` rows of `PANEL_WIDTH` weights.
+    fn panel_bytes(&self) -> usize {
+        self.cols * PANEL_WIDTH * self.dtype.size_bytes()
     }
 
     /// The cache lines of panel `p`.
     fn panel_lines(&self, p: usize) -> &[CacheLine] {
-        let lines = self.cols * PANEL_WIDTH * self.dtype.size_bytes() / 64;
+        let lines = self.panel_bytes() / 64;
         &self.panels[p * lines..(p + 1) * lines]
     }
 }
@@ -431,7 +436,7 @@ impl Plan {
             };
         }
         let target = threads * TASKS_PER_THREAD;
-        let panel_bytes = w.cols * PANEL_WIDTH * w.dtype.size_bytes();
+        let panel_bytes = w.panel_bytes();
         let panels_per_task = n_panels
             .div_ceil(target)
             .max(MIN_TASK_BYTES.div_ceil(panel_bytes))
