@@ -177,10 +177,10 @@ struct HeadView<'a> {
 }
 
 impl HeadView<'_> {
-    /// Calls `f(position, slot_start)` for positions `0..=last`, walking the block table
-    /// block by block; head `h` of the group is at `slot_start + h · dh`.
-    #[inline(always)]
-    fn each(&self, last: usize, mut f: impl FnMut(usize, usize)) {
+    /// Where the group starts in the slot of each position `0..=last`, in position order,
+    /// walking the block table block by block; head `h` of the group is `h · dh` further.
+    fn slots(&self, last: usize) -> Vec<usize> {
+        let mut out = Vec::with_capacity(last + 1);
         for (b, &block) in self.table.iter().enumerate() {
             let first = b * self.block_size;
             if first > last {
@@ -188,9 +188,10 @@ impl HeadView<'_> {
             }
             let base = block as usize * self.block_size;
             for slot in 0..self.block_size.min(last + 1 - first) {
-                f(first + slot, (base + slot) * self.width + self.offset);
+                out.push((base + slot) * self.width + self.offset);
             }
         }
+        out
     }
 }
 
@@ -239,8 +240,7 @@ fn attend_portable(
     let (dh, n, len) = (head.dh, head.heads, pos + 1);
     // Plain loops over the slots (no closure), so that all of it is compiled with the
     // caller's target features.
-    let mut slots = Vec::with_capacity(len);
-    head.each(pos, |_, at| slots.push(at));
+    let slots = head.slots(pos);
     // scores[h · len + p]: head h, position p.
     let mut scores = vec![0f32; n * len];
     for (p, &at) in slots.iter().enumerate() {
