@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 /// The `tessera` binary under test.
 pub fn tessera() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tessera"));
-    c.env("RUST_LOG", "warn").stdin(Stdio::null());
+    // `TESSERA_TEST_LOG` sets the processes' log filter (default: warnings).
+    let filter = std::env::var("TESSERA_TEST_LOG").unwrap_or_else(|_| "warn".into());
+    c.env("RUST_LOG", filter).stdin(Stdio::null());
     c
 }
 
@@ -81,7 +83,8 @@ pub fn children(pid: u32) -> Vec<u32> {
 }
 
 /// Reads lines of `stream` on a thread until one satisfies `find`, for up to `timeout`.
-/// Returns the first capture, and keeps draining the stream afterwards.
+/// Returns the first capture, and keeps draining the stream afterwards. Every line is
+/// echoed to the test's captured output, so a failing test shows what its processes said.
 fn watch_lines(
     stream: impl std::io::Read + Send + 'static,
     mut find: impl FnMut(&str) -> Option<String> + Send + 'static,
@@ -93,6 +96,7 @@ fn watch_lines(
         let mut found = false;
         for line in BufReader::new(stream).lines() {
             let Ok(line) = line else { break };
+            eprintln!("[process] {line}");
             if !found {
                 if let Some(v) = find(&line) {
                     found = true;

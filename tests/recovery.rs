@@ -335,7 +335,12 @@ async fn a_deadline_that_passes_during_recovery_ends_the_request() {
         .generate(req)
         .await
         .expect_err("no worker took over in time");
-    assert_eq!(e.code(), Some(Code::DeadlineExceeded), "{e}");
+    assert_eq!(
+        e.code(),
+        Some(Code::DeadlineExceeded),
+        "{e} after {:?} ({e:?})",
+        started.elapsed()
+    );
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "ended at its deadline, not at the recovery timeout: {:?}",
@@ -352,4 +357,32 @@ async fn a_deadline_that_passes_during_recovery_ends_the_request() {
     .expect("served again")
     .expect("the request completes");
     assert_eq!(tokens.len(), NEW_TOKENS as usize);
+}
+
+/// Whether SIGPIPE is among the signals process `pid` ignores (`SigIgn` in
+/// `/proc/PID/status`, a hex mask whose bit `n - 1` is signal `n`).
+fn ignores_sigpipe(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+        .expect("SigIgn line");
+    mask & (1 << (libc::SIGPIPE - 1)) != 0
+}
+
+/// A step sent to a worker that was just killed fails with EPIPE; with SIGPIPE at its
+/// default action the coordinator would die of that write instead of recovering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_processes_survive_writing_to_a_dead_peer() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Manual::start(&["--preset", "gpt2-tiny", "--tp", "2"], 2, &[]);
+    wait_serving(&cluster.endpoint, Duration::from_secs(60)).await;
+    assert!(
+        ignores_sigpipe(cluster.coordinator.pid()),
+        "the coordinator ignores SIGPIPE"
+    );
+    for w in &cluster.workers {
+        assert!(ignores_sigpipe(w.pid()), "a worker ignores SIGPIPE");
+    }
 }

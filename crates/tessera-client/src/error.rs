@@ -65,17 +65,35 @@ impl From<Status> for ClientError {
     }
 }
 
-/// `CODE: message`, or just `CODE` when the message is empty.
+/// `CODE: message`, or just `CODE` when the message is empty. A status this client made
+/// from a local failure (a connection reset, a broken HTTP/2 stream) carries that failure as
+/// its source, and tonic's message for it is only `transport error`; the innermost cause
+/// follows it then, since that is the part that says what happened.
 struct StatusLine<'a>(&'a Status);
 
 impl fmt::Display for StatusLine<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let code = code_name(self.0.code());
         match self.0.message() {
-            "" => f.write_str(code),
-            message => write!(f, "{code}: {message}"),
+            "" => f.write_str(code)?,
+            message => write!(f, "{code}: {message}")?,
         }
+        if let Some(cause) = innermost_cause(self.0) {
+            if !self.0.message().contains(&cause) {
+                write!(f, ": {cause}")?;
+            }
+        }
+        Ok(())
     }
+}
+
+/// The last error in the source chain of `status`, if it has one.
+fn innermost_cause(status: &Status) -> Option<String> {
+    let mut cause = std::error::Error::source(status)?;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    Some(cause.to_string())
 }
 
 /// The canonical name of a gRPC status code, as in the gRPC spec and `grpcurl`'s output:
@@ -120,6 +138,28 @@ mod tests {
         );
         let e = ClientError::from(Status::cancelled(""));
         assert_eq!(e.to_string(), "CANCELLED");
+    }
+
+    #[test]
+    fn a_local_failure_names_its_cause() {
+        // What tonic makes of a broken connection: an UNKNOWN `transport error` whose
+        // source chain ends at the I/O error.
+        #[derive(Debug)]
+        struct Transport(std::io::Error);
+        impl fmt::Display for Transport {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("transport error")
+            }
+        }
+        impl std::error::Error for Transport {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset");
+        let e = ClientError::from(Status::from_error(Box::new(Transport(reset))));
+        assert_eq!(e.code(), Some(Code::Unknown));
+        assert_eq!(e.to_string(), "UNKNOWN: transport error: connection reset");
     }
 
     #[test]

@@ -85,17 +85,40 @@ fn keep_freed_memory() {
     }
 }
 
-fn main() {
-    // A CLI whose output is piped into `head` should end quietly when the pipe closes,
-    // as other Unix tools do, rather than panic on the failed write.
-    #[cfg(unix)]
-    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts; no
-    // handler runs, so there is nothing to be async-signal-safe about.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+/// Whether a command talks over the network: its processes must outlive any peer.
+fn uses_network(command: &Command) -> bool {
+    match command {
+        Command::Serve(_)
+        | Command::Coordinator(_)
+        | Command::Worker(_)
+        | Command::Generate(_)
+        | Command::Bench(_) => true,
+        Command::Run(_)
+        | Command::Model(_)
+        | Command::Plan(_)
+        | Command::Certs(_)
+        | Command::Kernels(_)
+        | Command::GpuCheck(_) => false,
     }
+}
+
+fn main() {
     keep_freed_memory();
     let cli = Cli::parse();
+    // A local tool whose output is piped into `head` should end quietly when the pipe
+    // closes, as other Unix tools do, rather than panic on the failed write: SIGPIPE gets
+    // its default action back. Never for a command that talks over the network: the HTTP/2
+    // stack writes sockets with `writev`, which raises SIGPIPE when the peer is gone, and a
+    // coordinator sending a step to a worker that was just killed would die with it instead
+    // of starting recovery (Rust ignores SIGPIPE, so the write fails with EPIPE instead).
+    #[cfg(unix)]
+    if !uses_network(&cli.command) {
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts; no
+        // handler runs, so there is nothing to be async-signal-safe about.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     // Servers say what they are doing; one-shot tools speak only when something is wrong.
     let default_filter = match cli.command {
         Command::Serve(_) | Command::Coordinator(_) | Command::Worker(_) => "info",
