@@ -119,7 +119,7 @@ fn f(v: &Value, key: &str) -> f64 {
 }
 
 /// The keys the capacity planner and vLLM tooling read.
-const KEYS: [&str; 32] = [
+const KEYS: [&str; 33] = [
     "date",
     "backend",
     "model_id",
@@ -151,6 +151,7 @@ const KEYS: [&str; 32] = [
     "output_len",
     "range_ratio",
     "seed",
+    "repeats",
     "failures",
 ];
 
@@ -279,7 +280,9 @@ async fn a_stand_in_servers_timings_and_refusals_are_measured() {
         .collect();
     assert_eq!(outputs.iter().filter(|&&n| n == 8).count(), 6);
 
-    // A sweep: one object per point, the rate as a number or "inf".
+    // A sweep run twice over (50, inf, inf, 50) and pooled: one object per point, in the
+    // order asked, the rate as a number or "inf".
+    let sent_before = state.bodies.lock().unwrap().len();
     let sweep_path = dir.path().join("sweep.json");
     let stdout = bench(&[
         "--openai-base-url",
@@ -294,16 +297,27 @@ async fn a_stand_in_servers_timings_and_refusals_are_measured() {
         "3",
         "--request-rate",
         "50,inf",
+        "--repeat",
+        "2",
         "--result-json",
         sweep_path.to_str().unwrap(),
     ])
     .await;
     assert!(stdout.contains("no SLO was given"), "{stdout}");
+    assert_eq!(state.bodies.lock().unwrap().len() - sent_before, 12);
     let sweep = read_json(&sweep_path);
     let points = sweep.as_array().expect("a sweep writes an array");
     assert_eq!(points.len(), 2);
     assert_eq!(points[0]["request_rate"], 50.0);
     assert_eq!(points[1]["request_rate"], "inf");
+    for p in points {
+        assert_eq!(p["repeats"], 2);
+        assert_eq!(
+            p["completed"].as_u64().unwrap() + p["failed"].as_u64().unwrap(),
+            6,
+            "both runs pooled: {p}"
+        );
+    }
     assert_eq!(points[0]["slo"], Value::Null);
     assert!(
         points[0].get("itls").is_none(),

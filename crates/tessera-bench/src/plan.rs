@@ -328,6 +328,9 @@ pub struct MeasuredRun {
     pub pp: Option<usize>,
     /// Requests completed.
     pub completed: usize,
+    /// Runs of the point pooled in the figures (`tessera bench --repeat`); absent: 1.
+    #[serde(default)]
+    pub repeats: Option<usize>,
     /// `inf` or requests per second.
     #[serde(default, deserialize_with = "rate")]
     pub request_rate: Option<f64>,
@@ -415,7 +418,8 @@ impl MeasuredRun {
     }
 }
 
-/// Replays a measured run's load on the model.
+/// Replays a measured run's load on the model: one run of the point (a pooled `--repeat`
+/// run's figures are medians over runs alike, each of `completed / repeats` requests).
 pub fn replay_run(cost: &CostModel, limits: &Limits, run: &MeasuredRun) -> Replay {
     let w = run.workload();
     let jobs = vec![
@@ -423,7 +427,7 @@ pub fn replay_run(cost: &CostModel, limits: &Limits, run: &MeasuredRun) -> Repla
             prompt: w.input_len.max(1),
             output: w.output_len.max(1),
         };
-        run.completed.max(1)
+        (run.completed / run.repeats.unwrap_or(1).max(1)).max(1)
     ];
     replay(cost, limits, &jobs, &run.load())
 }
@@ -644,6 +648,7 @@ mod tests {
             tp: Some(2),
             pp: Some(1),
             completed: 32,
+            repeats: None,
             request_rate: None,
             burstiness: None,
             max_concurrency: Some(4),
@@ -666,6 +671,19 @@ mod tests {
         assert!((e.compute - 0.21).abs() < 0.01, "{e:?}");
         let cmp = compare(&guess, &limits, &run);
         assert!(cmp.output_throughput[2].abs() < 0.01, "{cmp:?}");
+
+        // The same point run twice and pooled is replayed as one run of it.
+        let pooled = MeasuredRun {
+            completed: 64,
+            repeats: Some(2),
+            total_input_tokens: 64 * 512,
+            total_output_tokens: 64 * 64,
+            ..run.clone()
+        };
+        assert_eq!(
+            replay_run(&truth, &limits, &pooled),
+            replay_run(&truth, &limits, &run)
+        );
     }
 
     #[test]

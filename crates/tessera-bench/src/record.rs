@@ -87,3 +87,46 @@ impl RequestRecord {
         self.chunks.windows(2).map(|w| w[1].at_s - w[0].at_s)
     }
 }
+
+/// Appends the records of another run of the same point to `records`, as if it had started
+/// when the last of them ended: a point run several times (`tessera bench --repeat`) then
+/// reads as one run whose duration is the sum of the runs', so its throughput is over its
+/// own time and not over the other points' runs in between.
+pub fn append_run(records: &mut Vec<RequestRecord>, run: Vec<RequestRecord>) {
+    let offset = records.iter().map(RequestRecord::end_s).fold(0.0, f64::max);
+    records.extend(run.into_iter().map(|mut r| {
+        r.start_s += offset;
+        r
+    }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(start_s: f64, e2el_s: f64) -> RequestRecord {
+        RequestRecord {
+            input_len: 4,
+            output_len: 2,
+            start_s,
+            chunks: vec![Chunk {
+                at_s: e2el_s / 2.0,
+                tokens: 2,
+            }],
+            e2el_s,
+            failure: None,
+        }
+    }
+
+    #[test]
+    fn a_second_run_starts_where_the_first_ended() {
+        let mut records = vec![record(0.0, 2.0), record(0.5, 3.0)];
+        append_run(&mut records, vec![record(0.0, 1.0), record(0.25, 1.0)]);
+        let starts: Vec<f64> = records.iter().map(|r| r.start_s).collect();
+        assert_eq!(starts, [0.0, 0.5, 3.5, 3.75]);
+        assert_eq!(records[3].end_s(), 4.75);
+        // Per-request figures are untouched.
+        assert_eq!(records[2].e2el_s, 1.0);
+        assert_eq!(records[2].ttft_s(), Some(0.5));
+    }
+}

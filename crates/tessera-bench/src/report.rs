@@ -38,8 +38,10 @@ pub struct Setup {
     pub burstiness: f64,
     /// Whether generation went past the end-of-text token.
     pub ignore_eos: bool,
-    /// Warm-up requests before each point.
+    /// Warm-up requests before each run of a point.
     pub num_warmups: usize,
+    /// Runs of every point, pooled (`--repeat`).
+    pub repeats: usize,
     /// Percentiles reported.
     pub percentiles: Vec<f64>,
     /// The SLOs, if any.
@@ -262,6 +264,7 @@ pub fn point_json(setup: &Setup, point: &PointResult, detailed: bool) -> Object 
     o.put("seed", json!(w.seed));
     o.put("ignore_eos", json!(setup.ignore_eos));
     o.put("num_warmups", json!(setup.num_warmups));
+    o.put("repeats", json!(setup.repeats));
     o.put("failures", json!(m.failures));
     o.put(
         "slo",
@@ -599,8 +602,17 @@ pub fn markdown(setup: &Setup, points: &[PointResult], plots: &[(&str, &str)]) -
     );
     let _ = writeln!(
         md,
-        "- Load: burstiness {}, {} warm-up request(s) per point",
-        setup.burstiness, setup.num_warmups
+        "- Load: burstiness {}, {} warm-up request(s) per point{}",
+        setup.burstiness,
+        setup.num_warmups,
+        if setup.repeats > 1 {
+            format!(
+                "; every point run {} times in alternating order, pooled",
+                setup.repeats
+            )
+        } else {
+            String::new()
+        }
     );
     let _ = writeln!(
         md,
@@ -716,6 +728,7 @@ mod tests {
             burstiness: 1.0,
             ignore_eos: true,
             num_warmups: 0,
+            repeats: 1,
             percentiles: vec![90.0, 99.9],
             slo,
             sweep,

@@ -15,6 +15,7 @@ use tessera_bench::arrival::RequestRate;
 use tessera_bench::dataset::{Dataset, WorkloadSpec, DEFAULT_OUTPUT_LEN};
 use tessera_bench::metrics::{check_percentiles, Metrics, Slo};
 use tessera_bench::plot::{write_plots, PLOTS};
+use tessera_bench::record::append_run;
 use tessera_bench::report::{self, PointResult, Setup, Sweep};
 use tessera_bench::run::{run_point, LoadSpec};
 use tessera_bench::target::{Target, TargetSpec};
@@ -113,6 +114,13 @@ pub struct ServeBenchArgs {
     /// connections and warm the server. vLLM's default is 0 too.
     #[arg(long, value_name = "N", default_value_t = 0)]
     num_warmups: usize,
+    /// Runs every point N times, in alternating order (first to last, then last to
+    /// first, …), and pools each point's runs. On a machine whose speed drifts over
+    /// minutes (a shared VM, a GPU warming up) every point then sees the same conditions
+    /// on average, which a comparison of points (and `tessera plan --calibrate`) needs.
+    /// A point's runs are timed back to back, so its throughput is over its own time.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    repeat: usize,
     /// A request not finished within this many seconds counts as failed (`timeout`).
     #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
     request_timeout: f64,
@@ -239,6 +247,9 @@ pub fn bench_serve(args: ServeBenchArgs) -> Result<()> {
     for &p in &points {
         load(p).validate()?;
     }
+    if args.repeat == 0 {
+        bail!("--repeat: must be at least 1");
+    }
     if let Some(dir) = &args.report_dir {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("--report-dir: cannot create {}", dir.display()))?;
@@ -273,6 +284,7 @@ pub fn bench_serve(args: ServeBenchArgs) -> Result<()> {
             burstiness: args.burstiness,
             ignore_eos: args.ignore_eos,
             num_warmups: args.num_warmups,
+            repeats: args.repeat,
             percentiles: args.metric_percentiles.clone(),
             slo,
             sweep,
@@ -292,25 +304,50 @@ pub fn bench_serve(args: ServeBenchArgs) -> Result<()> {
             prompts.iter().map(|p| p.output_len as u64).sum::<u64>(),
             points.len()
         );
-        let mut results: Vec<PointResult> = Vec::new();
-        for &(request_rate, max_concurrency) in &points {
-            let mut result = PointResult {
+        let mut pooled: Vec<PointResult> = points
+            .iter()
+            .map(|&(request_rate, max_concurrency)| PointResult {
                 request_rate,
                 max_concurrency,
                 metrics: Metrics::default(),
                 records: Vec::new(),
+            })
+            .collect();
+        // Which points have all their runs; the result file lists those, in the order asked.
+        let mut finished = vec![false; points.len()];
+        for run in 0..args.repeat {
+            let last = run + 1 == args.repeat;
+            let order: Vec<usize> = if run % 2 == 0 {
+                (0..points.len()).collect()
+            } else {
+                (0..points.len()).rev().collect()
             };
-            let label = result.label(sweep);
-            result.records =
-                run_point(target.clone(), &prompts, &load((request_rate, max_concurrency)), &label)
-                    .await?;
-            result.metrics = Metrics::compute(&result.records, &setup.percentiles, slo.as_ref());
-            print!("{}", report::console_point(&setup, &result));
-            results.push(result);
-            if let Some(path) = &args.result_json {
-                write(path, &report::results_json(&setup, &results, args.save_detailed))?;
+            for i in order {
+                let result = &mut pooled[i];
+                let mut label = result.label(sweep);
+                if args.repeat > 1 {
+                    label = format!("{label} (run {} of {})", run + 1, args.repeat);
+                }
+                let records = run_point(target.clone(), &prompts, &load(points[i]), &label).await?;
+                append_run(&mut result.records, records);
+                if !last {
+                    continue;
+                }
+                result.metrics = Metrics::compute(&result.records, &setup.percentiles, slo.as_ref());
+                print!("{}", report::console_point(&setup, result));
+                finished[i] = true;
+                if let Some(path) = &args.result_json {
+                    let so_far: Vec<PointResult> = pooled
+                        .iter()
+                        .zip(&finished)
+                        .filter(|(_, done)| **done)
+                        .map(|(p, _)| p.clone())
+                        .collect();
+                    write(path, &report::results_json(&setup, &so_far, args.save_detailed))?;
+                }
             }
         }
+        let results = pooled;
         if results.len() > 1 {
             println!();
             print!("{}", report::console_sweep(&setup, &results));
