@@ -144,6 +144,7 @@ impl Serve {
         std::thread::spawn(move || {
             let mut all = String::new();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[process] {line}");
                 all.push_str(&line);
                 all.push('\n');
             }
