@@ -771,7 +771,7 @@ impl NcclComm {
         stream: &Arc<CudaStream>,
     ) -> Result<()> {
         // SAFETY: the caller's contract is this function's.
-        unsafe { self.peer_raw(DeviceOp::Send(peer), ptr, count, dtype, stream) }
+        unsafe { self.device_raw(DeviceOp::Send(peer), ptr, count, dtype, stream) }
     }
 
     /// [`NcclComm::recv_device`] on a raw device pointer, for buffers that are not
@@ -788,31 +788,7 @@ impl NcclComm {
         stream: &Arc<CudaStream>,
     ) -> Result<()> {
         // SAFETY: the caller's contract is this function's.
-        unsafe { self.peer_raw(DeviceOp::Recv(peer), ptr, count, dtype, stream) }
-    }
-
-    /// A send or receive: checks the peer, then enqueues it unless empty.
-    ///
-    /// # Safety
-    /// As [`NcclComm::all_reduce_sum_raw`].
-    unsafe fn peer_raw(
-        &mut self,
-        op: DeviceOp,
-        ptr: CUdeviceptr,
-        count: usize,
-        dtype: NcclDtype,
-        stream: &Arc<CudaStream>,
-    ) -> Result<()> {
-        match op {
-            DeviceOp::Send(peer) => self.check_peer("send", peer)?,
-            DeviceOp::Recv(peer) => self.check_peer("recv", peer)?,
-            DeviceOp::AllReduceSum => {}
-        }
-        if count == 0 {
-            return Ok(());
-        }
-        // SAFETY: the caller's contract is this function's.
-        unsafe { self.device_raw(op, ptr, count, dtype, stream) }
+        unsafe { self.device_raw(DeviceOp::Recv(peer), ptr, count, dtype, stream) }
     }
 
     /// Waits on the host until everything queued on `stream` so far has run. Use it
@@ -828,6 +804,9 @@ impl NcclComm {
         })
     }
 
+    /// Enqueues `op` on `stream` unless it is empty, after checking a send's or a
+    /// receive's peer.
+    ///
     /// # Safety
     /// See [`NcclComm::all_reduce_sum_raw`].
     unsafe fn device_raw(
@@ -843,6 +822,12 @@ impl NcclComm {
             DeviceOp::Send(_) => "send",
             DeviceOp::Recv(_) => "recv",
         };
+        if let DeviceOp::Send(peer) | DeviceOp::Recv(peer) = op {
+            self.check_peer(what, peer)?;
+        }
+        if count == 0 {
+            return Ok(());
+        }
         self.request(what, |reply| Job::Device {
             op,
             ptr,
